@@ -1,0 +1,177 @@
+"""The `cfsp` command line. Each subcommand calls one library function; errors the user can
+fix print one line and exit non-zero (2 for a bad request), with a traceback only under --debug."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cfsp import __version__
+from cfsp.errors import CfspError
+
+log = logging.getLogger("cfsp")
+app = typer.Typer(
+    name="cfsp",
+    help="Coarse-to-fine structured pruning of causal LMs, repaired without retraining.\n\n"
+    "Model specs: smollm2-135m (embedded default, no hub needed), a local HF directory, a .gguf "
+    "file, or a hub id. Text specs: botchan, self, wikitext2[:split], c4, ptb, file:PATH, "
+    "hf:NAME[:CONFIG[:SPLIT]].",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+_state = {"debug": False}
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model spec.")]
+DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")]
+RemoteOpt = Annotated[
+    bool, typer.Option("--trust-remote-code", help="Allow modeling code shipped with the model.")
+]
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+) -> None:
+    from cfsp.logs import setup_logging
+
+    _state["debug"] = debug
+    setup_logging(verbose)
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the cfsp version."""
+    typer.echo(__version__)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: ModelOpt = "smollm2-135m",
+    data: Annotated[str, typer.Option(help="Comma-separated text specs to score.")] = "botchan",
+    seqlen: Annotated[
+        int, typer.Option(help="Context length of each window (always reported).")
+    ] = 128,
+    limit: Annotated[int | None, typer.Option(help="Score only the first K windows.")] = None,
+    dtype: DtypeOpt = "float32",
+    out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Perplexity of a model on one or more text sources at an explicit context length."""
+    from cfsp.evaluate.api import evaluate_perplexity
+
+    if out is not None:
+        from cfsp.io import check_writable_parent
+
+        check_writable_parent(out)
+    result = evaluate_perplexity(model, data.split(","), seqlen, limit, dtype, trust_remote_code)
+    for source, row in result["perplexity"].items():
+        typer.echo(
+            f"{model}  {source}  seqlen={row['seqlen']}  windows={row['windows']}  "
+            f"ppl={row['ppl']:.4f}"
+        )
+    if out is not None:
+        from cfsp.io import write_json
+
+        write_json(out, result)
+        log.info("wrote %s", out)
+
+
+@app.command("prune")
+def prune_cmd(
+    model: ModelOpt = "smollm2-135m",
+    budget: Annotated[
+        float,
+        typer.Option(help="Fraction of decoder-block weight parameters to remove, in [0, 1)."),
+    ] = 0.3,
+    method: Annotated[
+        str, typer.Option(help="Preset: cfsp, flap, wanda_sp, act_norm, magnitude, random.")
+    ] = "cfsp",
+    out: Annotated[Path, typer.Option(help="Output checkpoint directory.")] = Path("out/pruned"),
+    allocation: Annotated[
+        str | None, typer.Option(help="Override the preset's allocation: cfsp, uniform, flap.")
+    ] = None,
+    criterion: Annotated[
+        str | None,
+        typer.Option(
+            help="Override the preset's criterion: cfsp, act_norm, wanda_sp, flap, magnitude, "
+            "random."
+        ),
+    ] = None,
+    reconstruct: Annotated[
+        str | None, typer.Option(help="Override the preset's reconstruction: liar, bias, none.")
+    ] = None,
+    structures: Annotated[str, typer.Option(help="ffn+heads or ffn.")] = "ffn+heads",
+    round_to: Annotated[int, typer.Option(help="Round kept FFN widths to 1, 8, 64 or 128.")] = 1,
+    calib: Annotated[str, typer.Option(help="Calibration text spec.")] = "botchan",
+    nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
+    seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
+    seed: Annotated[int, typer.Option(help="Seed for window sampling and random choices.")] = 0,
+    temperature: Annotated[float, typer.Option(help="CFSP allocation temperature.")] = 1.0,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: RemoteOpt = False,
+) -> None:
+    """Prune a model to a budget and write a checkpoint directory with its manifest."""
+    from cfsp.api import compress
+    from cfsp.config import CalibConfig, PruneConfig, validate
+
+    prune_values = {
+        "budget": budget,
+        "method": method,
+        "structures": structures,
+        "round_to": round_to,
+        "seed": seed,
+        "temperature": temperature,
+    }
+    for key, value in (
+        ("allocation", allocation),
+        ("criterion", criterion),
+        ("reconstruct", reconstruct),
+    ):
+        if value is not None:
+            prune_values[key] = value
+    prune_cfg = validate(PruneConfig, prune_values, "prune options")
+    calib_cfg = validate(
+        CalibConfig,
+        {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        "calibration options",
+    )
+    manifest = compress(model, calib_cfg, prune_cfg, out, dtype, trust_remote_code)
+    report = manifest["prune"]
+    typer.echo(
+        f"{out}: removed {100 * report['achieved_fraction']:.2f}% of block parameters "
+        f"({manifest['params_before']:,} -> {manifest['params_after']:,} parameters)"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: map our errors to one line and an exit code.
+
+    Typer reports its own usage errors (unparsable values, unknown options) with exit code 2.
+    """
+    try:
+        app(args=argv)
+    except SystemExit as done:
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except CfspError as err:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {err}", err=True, fg="red")
+        return err.exit_code
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,334 @@
+"""Text sources -> token windows with a fingerprint.
+
+Source specs (one string everywhere):
+  botchan                 the Botchan novel from the sentencepiece sdist (no hub needed)
+  self                    text sampled from the model itself, seeded (calibration only)
+  file:PATH               .txt/.raw (whole file), .jsonl (field "text"), .parquet (column "text")
+  hf:NAME[:CONFIG[:SPLIT]]  any hub dataset with a text column (split defaults to "test")
+  wikitext2[:SPLIT], c4, ptb[:SPLIT]
+                          the usual pruning corpora: from the hub when it is reachable, else from
+                          the local data directory (CFSP_DATA_DIR, or a `shared/data` folder
+                          beside the checkout; see its SOURCES.md)
+
+Calibration takes N windows of L tokens at seeded random offsets of the tokenized text;
+evaluation takes consecutive non-overlapping windows, optionally only the first K.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cfsp.errors import CfspError, UsageError
+from cfsp.io import sha256_text
+
+ALIASES = ("botchan", "self", "wikitext2", "c4", "ptb")
+
+
+@dataclass
+class Text:
+    text: str
+    source: str  # the spec as given
+    origin: str  # where it came from: a path, or hub:name/config@split
+
+    @property
+    def sha256(self) -> str:
+        return sha256_text(self.text)
+
+
+@dataclass
+class TokenWindows:
+    """Token ids [count, seqlen] and a fingerprint that identifies them."""
+
+    ids: torch.Tensor
+    fingerprint: dict = field(default_factory=dict)
+
+    @property
+    def hash(self) -> str:
+        return self.fingerprint["hash"]
+
+
+# -- where text comes from ------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def local_data_dir() -> Path | None:
+    env = os.environ.get("CFSP_DATA_DIR")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parent.parent
+    for candidate in (
+        Path.cwd() / "shared/data",
+        Path.cwd().parent / "shared/data",
+        repo / "shared/data",
+        repo.parent / "shared/data",
+    ):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def _read_file(path: Path) -> str:
+    if not path.is_file():
+        raise UsageError(f"text file {path} does not exist")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            rows = [
+                json.loads(line)
+                for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip()
+            ]
+            return "\n\n".join(str(row["text"]) for row in rows)
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return "\n\n".join(pq.read_table(path, columns=["text"]).column("text").to_pylist())
+        return path.read_text(encoding="utf-8")
+    except (KeyError, json.JSONDecodeError) as err:
+        raise UsageError(
+            f"{path}: expected one JSON object with a 'text' field per line ({err})"
+        ) from err
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text") from err
+    except Exception as err:  # pyarrow raises its own types for a bad parquet
+        raise UsageError(f"cannot read {path}: {err}") from err
+
+
+def _wikitext_rows_text(lines: list[str]) -> str:
+    """The usual LLM-pruning recipe: "\\n\\n".join(rows), whitespace-only rows as ""."""
+    return "\n\n".join("" if not line.strip() else line for line in lines)
+
+
+def _from_hub(name: str, config: str | None, split: str, column: str | None = None) -> str:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config, split=split)
+    except Exception as err:
+        raise CfspError(f"cannot load hub dataset {name}:{config}:{split}: {err}") from err
+    column = column or next(
+        (c for c in ("text", "sentence", "content") if c in ds.column_names), None
+    )
+    if column is None:
+        raise UsageError(f"hub dataset {name} has no text column (columns: {ds.column_names})")
+    return "\n\n".join(ds[column])
+
+
+def _local(relative: str, alias: str) -> Path:
+    root = local_data_dir()
+    if root is None or not (root / relative).is_file():
+        raise UsageError(
+            f"{alias}: the hub is not reachable and no local copy was found "
+            f"(set CFSP_DATA_DIR to a folder holding {relative})"
+        )
+    return root / relative
+
+
+def _alias_text(name: str, split: str | None) -> Text:
+    spec = name if split is None else f"{name}:{split}"
+    if name == "wikitext2":
+        split = split or "test"
+        if hub_reachable():
+            hf_split = {"valid": "validation"}.get(split, split)
+            text = _from_hub("wikitext", "wikitext-2-raw-v1", hf_split)
+            return Text(text, spec, f"hub:wikitext/wikitext-2-raw-v1@{hf_split}")
+        relative = {
+            "test": "wikitext2/wiki.test.raw",
+            "valid": "wikitext2/tokens/valid.txt",
+            "validation": "wikitext2/tokens/valid.txt",
+        }.get(split)
+        if relative is None:
+            raise UsageError(f"wikitext2 split {split!r} has no local copy; use test or valid")
+        path = _local(relative, spec)
+        return Text(
+            _wikitext_rows_text(path.read_text(encoding="utf-8").splitlines()), spec, str(path)
+        )
+    if name == "c4":
+        if hub_reachable():
+            import datasets
+
+            ds = datasets.load_dataset(
+                "allenai/c4",
+                data_files={"validation": "en/c4-validation.00000-of-00008.json.gz"},
+                split="validation",
+            )
+            return Text("\n\n".join(ds["text"][:2000]), spec, "hub:allenai/c4@validation[:2000]")
+        path = _local("c4/c4_validation_2k.jsonl", spec)
+        return Text(_read_file(path), spec, str(path))
+    if name == "ptb":
+        split = split or "test"
+        if not hub_reachable():
+            raise UsageError("ptb needs the hub (no local copy); use wikitext2, c4 or botchan")
+        text = _from_hub("ptb_text_only", "penn_treebank", split, column="sentence")
+        return Text(text, spec, f"hub:ptb_text_only@{split}")
+    raise UsageError(f"unknown alias {name!r}")
+
+
+def load_text(spec: str) -> Text:
+    """Return the raw text for any spec except `self` (which needs a model)."""
+    if spec == "botchan":
+        from cfsp.embedded import botchan_text
+
+        text, _ = botchan_text()
+        return Text(text, spec, "sentencepiece==0.2.3:test/botchan.txt")
+    if spec.startswith("file:"):
+        path = Path(spec[5:]).expanduser()
+        return Text(_read_file(path), spec, str(path.resolve()))
+    if spec.startswith("hf:"):
+        parts = spec[3:].split(":")
+        if not parts[0] or len(parts) > 3:
+            raise UsageError(f"bad hub spec {spec!r}; use hf:NAME[:CONFIG[:SPLIT]]")
+        name, config, split = (parts + [None, None])[:3]
+        return Text(_from_hub(name, config, split or "test"), spec, f"hub:{spec[3:]}")
+    name, _, split = spec.partition(":")
+    if name in ("wikitext2", "c4", "ptb"):
+        return _alias_text(name, split or None)
+    raise UsageError(
+        f"unknown text source {spec!r}; use one of {', '.join(ALIASES)}, file:PATH or "
+        "hf:NAME[:CONFIG[:SPLIT]]"
+    )
+
+
+# -- tokens and windows ---------------------------------------------------------------------------
+def tokenizer_fingerprint(tokenizer) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(vocab).encode()).hexdigest()[:16]
+
+
+def tensor_hash(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def check_window_args(seqlen: int, count: int | None, max_len: int | None) -> None:
+    if seqlen <= 0:
+        raise UsageError(f"seqlen must be a positive number of tokens, got {seqlen}")
+    if max_len is not None and seqlen > max_len:
+        raise UsageError(f"seqlen {seqlen} exceeds the model's context ({max_len} tokens)")
+    if count is not None and count <= 0:
+        raise UsageError(f"the number of windows must be positive, got {count}")
+
+
+def tokenize(text: Text, tokenizer) -> torch.Tensor:
+    ids = tokenizer(text.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return ids
+
+
+def _max_len(model_or_none) -> int | None:
+    config = getattr(model_or_none, "config", None)
+    return getattr(config, "max_position_embeddings", None)
+
+
+def calibration_windows(
+    spec: str, tokenizer, nsamples: int, seqlen: int, seed: int, model=None
+) -> TokenWindows:
+    """N windows of `seqlen` tokens at seeded random offsets (or sampled from `model`)."""
+    check_window_args(seqlen, nsamples, _max_len(model))
+    if spec == "self":
+        if model is None:
+            raise UsageError("the 'self' text source needs a model to sample from")
+        ids, origin, text_sha = (
+            generate_windows(model, tokenizer, nsamples, seqlen, seed),
+            "self",
+            "",
+        )
+    else:
+        text = load_text(spec)
+        tokens = tokenize(text, tokenizer)
+        if tokens.numel() < seqlen + 1:
+            raise UsageError(
+                f"text source {spec!r} has {tokens.numel()} tokens, too few for windows of "
+                f"{seqlen}; use a longer text or a smaller --seqlen"
+            )
+        gen = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=gen)
+        ids = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+        origin, text_sha = text.origin, text.sha256
+    fingerprint = {
+        "source": spec,
+        "origin": origin,
+        "text_sha256": text_sha,
+        "mode": "calibration",
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "seqlen": seqlen,
+        "seed": seed,
+        "count": int(ids.shape[0]),
+        "hash": tensor_hash(ids),
+    }
+    return TokenWindows(ids, fingerprint)
+
+
+def evaluation_windows(
+    spec: str, tokenizer, seqlen: int, limit: int | None = None, model=None
+) -> TokenWindows:
+    """Consecutive non-overlapping windows of `seqlen` tokens, the first `limit` if given."""
+    check_window_args(seqlen, limit, _max_len(model))
+    if spec == "self":
+        raise UsageError("'self' is a calibration source; evaluate on real text")
+    text = load_text(spec)
+    tokens = tokenize(text, tokenizer)
+    available = tokens.numel() // seqlen
+    if available == 0:
+        raise UsageError(
+            f"text source {spec!r} has {tokens.numel()} tokens, fewer than one window of {seqlen}"
+        )
+    count = available if limit is None else min(limit, available)
+    ids = tokens[: count * seqlen].view(count, seqlen)
+    fingerprint = {
+        "source": spec,
+        "origin": text.origin,
+        "text_sha256": text.sha256,
+        "mode": "evaluation",
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "seqlen": seqlen,
+        "limit": limit,
+        "count": count,
+        "available": available,
+        "hash": tensor_hash(ids),
+    }
+    return TokenWindows(ids, fingerprint)
+
+
+@torch.no_grad()
+def generate_windows(
+    model, tokenizer, nsamples: int, seqlen: int, seed: int, batch_size: int = 32
+) -> torch.Tensor:
+    """Sample `nsamples` sequences of `seqlen` tokens from the model, starting at BOS.
+
+    Self-generated calibration text follows the model's own distribution, which guards the
+    least-squares reconstruction against overfitting a small, foreign calibration set.
+    """
+    torch.manual_seed(seed)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    out = []
+    for first in range(0, nsamples, batch_size):
+        n = min(batch_size, nsamples - first)
+        prompt = torch.full((n, 1), start, dtype=torch.long)
+        seqs = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            do_sample=True,
+            top_p=0.95,
+            temperature=1.0,
+            max_new_tokens=seqlen,
+            min_new_tokens=seqlen,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=None,
+        )
+        out.append(seqs[:, 1 : seqlen + 1])
+    return torch.cat(out)

@@ -1,0 +1,84 @@
+"""Save and load pruned checkpoints: safetensors weights, config, tokenizer, manifest.
+
+Uniform widths (and LLaMA biases through its config flags) load with stock
+`AutoModelForCausalLM.from_pretrained(DIR)`. Per-block widths record `cfsp_layer_widths` in
+config.json and ship `modeling_cfsp.py` with an `auto_map`: `cfsp.load_pruned(DIR)` loads them
+without remote code; stock loading needs `trust_remote_code=True`, which is never the default.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from cfsp.errors import CfspError
+from cfsp.io import read_json, sha256_file, write_json
+
+MANIFEST = "cfsp_manifest.json"
+MODELING_FILE = Path(__file__).with_name("modeling_cfsp.py")
+
+
+def weight_hashes(directory: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(directory.glob("*.safetensors"))}
+
+
+def save_checkpoint(model, tokenizer, out: Path, manifest: dict) -> None:
+    """Write into `out` (a fresh temporary directory from `atomic_dir`)."""
+    config = model.config
+    if getattr(config, "cfsp_layer_widths", None) or getattr(config, "cfsp_extra_bias", None):
+        arch = type(model).__name__
+        config.auto_map = {"AutoModelForCausalLM": f"modeling_cfsp.Cfsp{arch}"}
+        shutil.copy(MODELING_FILE, out / "modeling_cfsp.py")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    manifest = dict(manifest, weights_sha256=weight_hashes(out))
+    write_json(out / MANIFEST, manifest)
+
+
+def _empty_model(config):
+    from transformers import AutoModelForCausalLM
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older releases: random init costs time, not correctness
+        no_init_weights = contextlib.nullcontext
+    with no_init_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32):
+    """Load any cfsp checkpoint (uniform or per-block widths) without remote code."""
+    from transformers import AutoConfig
+
+    from cfsp.modeling_cfsp import resize_to_layer_widths
+
+    directory = Path(directory)
+    config = AutoConfig.from_pretrained(directory)
+    if hasattr(config, "auto_map"):
+        del config.auto_map  # build with the stock class; resizing is done here, not remotely
+    model = _empty_model(config)
+    resize_to_layer_widths(model, config)
+    state = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        state.update(load_file(str(path)))
+    result = model.load_state_dict(state, strict=False)
+    model.tie_weights()
+    missing = [k for k in result.missing_keys if not _is_tied(model, k)]
+    if missing or result.unexpected_keys:
+        raise CfspError(
+            f"checkpoint {directory} does not match its config: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+    return model.to(dtype).eval()
+
+
+def _is_tied(model, key: str) -> bool:
+    return key == "lm_head.weight" and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+def read_manifest(directory: str | Path) -> dict:
+    return read_json(Path(directory) / MANIFEST)

@@ -1,0 +1,78 @@
+"""Tiny random-init models of every supported family (2 layers, GQA on), built in-process."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+TINY = {
+    "llama-mha": ("llama", dict(num_attention_heads=4, num_key_value_heads=4)),
+    "llama-gqa": ("llama", dict(num_attention_heads=6, num_key_value_heads=2)),
+    "mistral-gqa": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2)),
+    "qwen2-gqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+}
+
+
+def tiny_model(name: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    family, heads = TINY[name]
+    config = AutoConfig.for_model(
+        family,
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        max_position_embeddings=256,
+        head_dim=8,
+        tie_word_embeddings=False,
+        **heads,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Random init leaves attention nearly uniform; larger weights make heads differ.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(3.0)
+    return model
+
+
+@pytest.fixture(params=list(TINY))
+def tiny(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=128,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:100],
+    )
+    corpus = ["the cat sat on the mat and the dog ran after it"] * 50
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+
+
+def random_windows(n: int = 6, seqlen: int = 16, vocab: int = 128, seed: int = 0):
+    from cfsp.data import TokenWindows, tensor_hash
+
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, seqlen), generator=gen)
+    return TokenWindows(ids, {"source": "random", "hash": tensor_hash(ids)})

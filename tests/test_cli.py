@@ -1,0 +1,136 @@
+"""The command line as a user meets it: one clear line and a non-zero exit on bad input."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import tiny_model
+
+
+def cfsp(*args, cwd=None):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cfsp.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+def test_help_explains_itself():
+    code, out, _ = cfsp("--help")
+    assert code == 0
+    for word in ("prune", "eval", "smollm2-135m", "botchan"):
+        assert word in out
+    code, out, _ = cfsp("prune", "--help")
+    assert code == 0 and "--budget" in out and "decoder-block weight parameters" in out
+
+
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["prune", "--budget", "1.5"], "budget: Input should be less than 1"),
+        (["prune", "--budget", "-0.1"], "budget"),
+        (["prune", "--method", "sparsegpt"], "unknown method 'sparsegpt'"),
+        (["prune", "--reconstruct", "magic"], "reconstruct"),
+        (["eval", "--model", "/nonexistent/model"], "not found"),
+        (["eval", "--model", "./nowhere"], "not found"),
+    ],
+)
+def test_usage_errors_exit_2(args, match):
+    code, _, err = cfsp(*args)
+    assert code == 2
+    assert match in _error_line(err)
+
+
+def test_non_numeric_budget_is_a_usage_error():
+    code, _, err = cfsp("prune", "--budget", "half")
+    assert code == 2 and "--budget" in err and "valid number" in err and "Traceback" not in err
+
+
+def test_debug_shows_traceback():
+    code, _, err = cfsp("--debug", "eval", "--model", "/nonexistent/model")
+    assert code != 0 and "Traceback" in err
+
+
+def test_eval_and_prune_on_a_local_model(tmp_path, tiny_tokenizer):
+    model_dir = tmp_path / "tiny"
+    model = tiny_model("llama-gqa")
+    model.save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog ran after it. " * 60)
+    out = tmp_path / "ppl.json"
+    code, stdout, err = cfsp(
+        "eval",
+        "--model",
+        str(model_dir),
+        "--data",
+        f"file:{text}",
+        "--seqlen",
+        "16",
+        "--out",
+        str(out),
+    )
+    assert code == 0, err
+    assert "ppl=" in stdout and out.is_file()
+
+    pruned = tmp_path / "pruned"
+    code, stdout, err = cfsp(
+        "prune",
+        "--model",
+        str(model_dir),
+        "--budget",
+        "0.3",
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "8",
+        "--seqlen",
+        "16",
+        "--out",
+        str(pruned),
+    )
+    assert code == 0, err
+    assert (pruned / "cfsp_manifest.json").is_file() and (pruned / "model.safetensors").is_file()
+    # Too little text: a clear error, and the existing output is left untouched.
+    before = (pruned / "model.safetensors").read_bytes()
+    short = tmp_path / "short.txt"
+    short.write_text("the cat sat on the mat")
+    code, _, err = cfsp(
+        "prune",
+        "--model",
+        str(model_dir),
+        "--calib",
+        f"file:{short}",
+        "--seqlen",
+        "64",
+        "--out",
+        str(pruned),
+    )
+    assert code == 2 and "too few" in _error_line(err)
+    assert (pruned / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp left
+
+
+def test_unwritable_output(tmp_path, tiny_tokenizer):
+    if os.geteuid() == 0:
+        target = "/proc/cfsp-out"  # not writable even for root
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = str(locked / "out")
+    code, _, err = cfsp("prune", "--model", "/nonexistent", "--out", target)
+    assert code == 2 and "not writable" in _error_line(err)

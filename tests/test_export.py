@@ -1,0 +1,50 @@
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from cfsp.capture import capture
+from cfsp.compress import prune_model
+from cfsp.config import PruneConfig
+from cfsp.export import load_pruned, save_checkpoint
+from tests.conftest import random_windows, tiny_model
+
+
+def _prune(name, cfg):
+    model = tiny_model(name)
+    windows = random_windows()
+    prune_model(model, capture(model, windows, progress=False), cfg)
+    return model, windows
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-gqa", "qwen2-gqa"])
+@pytest.mark.parametrize("reconstruct", ["none", "liar"])
+def test_uniform_roundtrip_with_stock_loader(tmp_path, tiny_tokenizer, name, reconstruct):
+    model, windows = _prune(
+        name, PruneConfig(budget=0.4, method="wanda_sp", reconstruct=reconstruct)
+    )
+    assert getattr(model.config, "cfsp_layer_widths", None) is None
+    save_checkpoint(model, tiny_tokenizer, tmp_path, {"test": True})
+    ref = _logits(model, windows.ids)
+    torch.testing.assert_close(_logits(load_pruned(tmp_path), windows.ids), ref)
+    if name == "llama-gqa" or reconstruct == "none":  # stock configs express these biases
+        stock = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        torch.testing.assert_close(_logits(stock, windows.ids), ref)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa"])
+def test_per_block_roundtrip(tmp_path, tiny_tokenizer, name):
+    model, windows = _prune(name, PruneConfig(budget=0.4, method="cfsp", temperature=0.2))
+    widths = model.config.cfsp_layer_widths
+    assert widths and len({tuple(w.values()) for w in widths}) > 1
+    save_checkpoint(model, tiny_tokenizer, tmp_path, {"test": True})
+    ref = _logits(model, windows.ids)
+    torch.testing.assert_close(_logits(load_pruned(tmp_path), windows.ids), ref)
+    remote = AutoModelForCausalLM.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    torch.testing.assert_close(_logits(remote, windows.ids), ref)
+    with pytest.raises(Exception):  # noqa: B017 - stock code cannot build per-block widths
+        AutoModelForCausalLM.from_pretrained(tmp_path)

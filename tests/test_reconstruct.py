@@ -1,0 +1,110 @@
+import pytest
+import torch
+
+from cfsp.capture import ChannelStats, capture
+from cfsp.compress import prune_model
+from cfsp.config import PruneConfig
+from cfsp.reconstruct import fold, relative_error
+from tests.conftest import random_windows, tiny_model
+
+
+def _stats(x: torch.Tensor) -> ChannelStats:
+    st = ChannelStats.empty(x.shape[1])
+    st.add(x, torch.float64)
+    return st
+
+
+def _setup(n=12, tokens=400, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    x = torch.randn(tokens, n, generator=gen, dtype=torch.float64) @ mix + 0.5
+    w = torch.randn(5, n, generator=gen, dtype=torch.float64)
+    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    keep = torch.tensor([0, 2, 3, 5, 7, 8, 10])
+    return x, w, b, keep
+
+
+def _error(x, w, b, keep, w2, b2):
+    y, y2 = x @ w.T + b, x[:, keep] @ w2.T + b2
+    return float(((y - y2) ** 2).sum() / (y**2).sum())
+
+
+def test_zero_interpolation_equals_bias_compensation():
+    x, w, b, keep = _setup()
+    st = _stats(x)
+    w_bias, b_bias = fold(w, b, st, keep, "bias")
+    pruned = torch.tensor(sorted(set(range(12)) - set(keep.tolist())))
+    torch.testing.assert_close(b_bias, b + w[:, pruned] @ x[:, pruned].mean(0))
+    torch.testing.assert_close(w_bias, w[:, keep])
+    # liar with infinite damping has Q -> 0 and so tends to bias-only
+    w_inf, b_inf = fold(w, b, st, keep, "liar", damping=1e12)
+    torch.testing.assert_close(w_inf, w_bias, atol=1e-6, rtol=0)
+    torch.testing.assert_close(b_inf, b_bias, atol=1e-6, rtol=0)
+
+
+def test_nothing_pruned_is_identity():
+    x, w, b, _ = _setup()
+    keep = torch.arange(12)
+    for method in ("liar", "bias", "none"):
+        w2, b2 = fold(w, b, _stats(x), keep, method)
+        torch.testing.assert_close(w2, w)
+        torch.testing.assert_close(b2, b)
+
+
+def test_error_order_liar_bias_none_and_exact_formula():
+    x, w, b, keep = _setup()
+    st = _stats(x)
+    errs = {}
+    for method in ("liar", "bias", "none"):
+        w2, b2 = fold(w, b, st, keep, method, damping=1e-6)
+        errs[method] = _error(x, w, b, keep, w2, b2)
+        assert relative_error(w, b, st, keep, w2, b2) == pytest.approx(errs[method], rel=1e-6)
+    assert errs["liar"] <= errs["bias"] <= errs["none"]
+
+
+def test_liar_equals_least_squares_refit():
+    x, w, b, keep = _setup()
+    w2, b2 = fold(w, b, _stats(x), keep, "liar", damping=1e-10)
+    design = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    sol = torch.linalg.lstsq(design, x @ w.T + b).solution  # [|S|+1, n_out]
+    torch.testing.assert_close(w2, sol[:-1].T, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(b2, sol[-1], atol=1e-6, rtol=1e-6)
+
+
+def test_exactly_linear_features_are_recovered_exactly():
+    gen = torch.Generator().manual_seed(1)
+    kept = torch.randn(300, 6, generator=gen, dtype=torch.float64)
+    derived = kept @ torch.randn(6, 3, generator=gen, dtype=torch.float64) + 2.0
+    x = torch.cat([kept, derived], 1)
+    w = torch.randn(4, 9, generator=gen, dtype=torch.float64)
+    keep = torch.arange(6)
+    w2, b2 = fold(w, None, _stats(x), keep, "liar", damping=1e-12)
+    torch.testing.assert_close(x[:, keep] @ w2.T + b2, x @ w.T, atol=1e-6, rtol=1e-6)
+
+
+def test_dead_channels_give_no_nans():
+    x, w, b, keep = _setup()
+    x[:, 0] = 0.0  # a kept channel that never fires
+    x[:, 1] = 0.0  # a pruned one too
+    x[:, 2] = x[:, 3]  # two identical kept channels: singular C_SS
+    w2, b2 = fold(w, b, _stats(x), keep, "liar", damping=1e-9)
+    assert torch.isfinite(w2).all() and torch.isfinite(b2).all()
+    zero = ChannelStats.empty(12)
+    zero.add(torch.zeros(10, 12), torch.float64)
+    w3, b3 = fold(w, b, zero, keep, "liar")
+    assert torch.isfinite(w3).all() and torch.isfinite(b3).all()
+
+
+def test_model_level_error_order_on_calibration_data():
+    windows = random_windows(n=8, seqlen=16)
+    rows = {}
+    for method in ("liar", "bias", "none"):
+        model = tiny_model("llama-gqa")
+        stats = capture(model, windows, progress=False)
+        report = prune_model(model, stats, PruneConfig(budget=0.4, reconstruct=method))
+        rows[method] = report.errors
+    for i in range(2):
+        for mod in ("o", "down"):
+            key = f"{mod}_after"
+            assert rows["liar"][i][key] <= rows["bias"][i][key] + 1e-9
+            assert rows["bias"][i][key] <= rows["none"][i][key] + 1e-9
