@@ -14,6 +14,7 @@ from cfsp.capture import capture
 from cfsp.compress import prune_model
 from cfsp.config import CalibConfig, PruneConfig
 from cfsp.data import calibration_windows
+from cfsp.evaluate.api import count_params
 from cfsp.export import save_checkpoint
 from cfsp.io import atomic_dir, check_writable_parent
 from cfsp.models import load_model
@@ -34,11 +35,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def count_params(model) -> int:
-    # Tied embeddings are one tensor: count each parameter object once.
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 def compress(
     model_spec: str,
     calib: CalibConfig,
@@ -46,6 +42,7 @@ def compress(
     out: str | Path,
     dtype: str = "float32",
     trust_remote_code: bool = False,
+    batch_size: int = 8,
 ) -> dict:
     """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`."""
     out = check_writable_parent(out)
@@ -58,7 +55,7 @@ def compress(
     timings["load_and_prepare"] = time.perf_counter() - t0
     params_before = count_params(loaded.model)
     t1 = time.perf_counter()
-    stats = capture(loaded.model, windows, batch_size=calib.batch_size)
+    stats = capture(loaded.model, windows, batch_size=batch_size)
     timings["capture"] = time.perf_counter() - t1
     report = prune_model(loaded.model, stats, prune)
     timings.update({f"prune_{k}": v for k, v in report.timings.items()})

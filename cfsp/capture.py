@@ -191,6 +191,45 @@ def _rss_mib() -> float:
 
 
 @torch.no_grad()
+def run_block(
+    block,
+    parts,
+    hiddens: list[torch.Tensor],
+    kwargs_list: list[dict],
+    gram_dtype: torch.dtype = torch.float32,
+    advance: bool = True,
+) -> BlockStats:
+    """Run one block over every batch, collecting its statistics.
+
+    With `advance`, each batch's output replaces its input in `hiddens` (the next block's input).
+    """
+    o_stats = ChannelStats.empty(parts.o.in_features)
+    down_stats = ChannelStats.empty(parts.down.in_features)
+    hooks = [
+        parts.o.register_forward_pre_hook(_accumulate(o_stats, gram_dtype)),
+        parts.down.register_forward_pre_hook(_accumulate(down_stats, gram_dtype)),
+    ]
+    angular_sum, tokens = 0.0, 0
+    try:
+        for j, h in enumerate(hiddens):
+            out = block_forward(block, h, kwargs_list[j])
+            dist = angular_distance(h, out)
+            angular_sum += float(dist.sum())
+            tokens += dist.numel()
+            if advance:
+                hiddens[j] = out  # the old input is freed
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return BlockStats(angular_sum / tokens, tokens, o_stats, down_stats)
+
+
+def block_forward(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.no_grad()
 def capture(
     model,
     windows: TokenWindows,
@@ -206,32 +245,13 @@ def capture(
     layers = adapter.layers(model)
     for index, block in enumerate(tqdm(layers, desc="capture", disable=not progress, unit="block")):
         t0 = time.perf_counter()
-        parts = adapter.parts(block)
-        o_stats = ChannelStats.empty(parts.o.in_features)
-        down_stats = ChannelStats.empty(parts.down.in_features)
-        hooks = [
-            parts.o.register_forward_pre_hook(_accumulate(o_stats, gram_dtype)),
-            parts.down.register_forward_pre_hook(_accumulate(down_stats, gram_dtype)),
-        ]
-        angular_sum, tokens = 0.0, 0
-        try:
-            for j, h in enumerate(hiddens):
-                out = block(h, **kwargs_list[j])
-                out = out[0] if isinstance(out, tuple) else out
-                dist = angular_distance(h, out)
-                angular_sum += float(dist.sum())
-                tokens += dist.numel()
-                hiddens[j] = out  # the next block's input; the old one is freed
-        finally:
-            for hook in hooks:
-                hook.remove()
-        stats = BlockStats(angular_sum / tokens, tokens, o_stats, down_stats)
+        stats = run_block(block, adapter.parts(block), hiddens, kwargs_list, gram_dtype)
         blocks.append(stats)
         log.info(
             "capture block %2d: angular %.4f  tokens %d  %.2fs  peak rss %.0f MiB",
             index,
             stats.angular,
-            tokens,
+            stats.tokens,
             time.perf_counter() - t0,
             _rss_mib(),
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -63,13 +64,19 @@ def eval_cmd(
     trust_remote_code: RemoteOpt = False,
 ) -> None:
     """Perplexity of a model on one or more text sources at an explicit context length."""
-    from cfsp.evaluate.api import evaluate_perplexity
+    from cfsp.config import EvalConfig, validate
+    from cfsp.evaluate.api import evaluate_model
 
     if out is not None:
         from cfsp.io import check_writable_parent
 
         check_writable_parent(out)
-    result = evaluate_perplexity(model, data.split(","), seqlen, limit, dtype, trust_remote_code)
+    cfg = validate(
+        EvalConfig,
+        {"perplexity": data.split(","), "seqlen": seqlen, "limit": limit},
+        "evaluation options",
+    )
+    result = evaluate_model(model, cfg, dtype, trust_remote_code)
     for source, row in result["perplexity"].items():
         typer.echo(
             f"{model}  {source}  seqlen={row['seqlen']}  windows={row['windows']}  "
@@ -147,6 +154,79 @@ def prune_cmd(
         f"{out}: removed {100 * report['achieved_fraction']:.2f}% of block parameters "
         f"({manifest['params_before']:,} -> {manifest['params_after']:,} parameters)"
     )
+
+
+ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params.yaml to use.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-S", help="Override a parameter: dotted.key=YAML value (repeatable)."),
+]
+
+
+def _params(path: Path, overrides: list[str] | None = None):
+    from cfsp.config import Params, load_params, validate
+
+    params = load_params(path) if path.exists() or str(path) != "params.yaml" else Params()
+    if not overrides:
+        return params
+    import yaml
+
+    data = params.model_dump()
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            from cfsp.errors import UsageError
+
+            raise UsageError(f"--set {item!r}: expected dotted.key=value")
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return validate(Params, data, f"{path} with --set")
+
+
+@app.command("run")
+def run_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole pipeline (Prefect flow `sweep`) for every model x budget x method.
+
+    Stages are cached across runs: an identical rerun is served from cache and changing an
+    evaluation parameter reruns only evaluation. Results are tracked in MLflow (sqlite in the
+    output directory unless MLFLOW_TRACKING_URI is set) and summarised in a table.
+    """
+    p = _params(params, set_)
+    from cfsp.prefect_env import configure_prefect
+
+    configure_prefect()
+    from flows.compress import sweep
+
+    start = time.perf_counter()
+    summaries = sweep(p.model_dump())
+    _print_summaries(summaries, time.perf_counter() - start)
+
+
+def _print_summaries(summaries: list[dict], seconds: float) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"cfsp results ({seconds:.0f}s)")
+    for col in ("run", "removed", "params", "perplexity: dense -> pruned (x)"):
+        table.add_column(col)
+    for s in summaries:
+        ppl = ", ".join(
+            f"{k} {s['dense_ppl'][k]:.2f} -> {v:.2f} ({v / s['dense_ppl'][k]:.2f}x)"
+            for k, v in s["ppl"].items()
+        )
+        table.add_row(
+            s["name"],
+            f"{100 * s['metrics']['achieved_fraction']:.1f}%",
+            f"{s['metrics']['params']:,}",
+            ppl,
+        )
+    Console(width=160).print(table)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,14 +22,30 @@ from cfsp.allocate import (
     flap_counts,
 )
 from cfsp.arch import DecoderAdapter, adapter_for
-from cfsp.capture import Statistics
+from cfsp.capture import BlockStats, Statistics, block_forward, first_block_inputs, run_block
 from cfsp.config import PruneConfig
+from cfsp.data import TokenWindows
 from cfsp.errors import UsageError
 from cfsp.importance import block_scores
 from cfsp.prune import BlockPlan, apply_plan, select, update_config
 from cfsp.reconstruct import fold, relative_error
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Allocation:
+    """Per-block keep ratios (of block parameters) and kept indices: the `allocate` artifact."""
+
+    keep_ratios: list[float]
+    blocks: list[BlockPlan]
+
+    def to_dict(self) -> dict:
+        return {"keep_ratios": self.keep_ratios, "blocks": [b.to_dict() for b in self.blocks]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Allocation:
+        return cls(data["keep_ratios"], [BlockPlan(**b) for b in data["blocks"]])
 
 
 @dataclass
@@ -73,10 +89,8 @@ def geometry(model, adapter: DecoderAdapter) -> Geometry:
     )
 
 
-def plan_blocks(
-    model, stats: Statistics, cfg: PruneConfig
-) -> tuple[list[BlockPlan], list[float], Geometry]:
-    """Choose what every block keeps. Returns (plans, keep ratios, geometry)."""
+def allocate(model, stats: Statistics, cfg: PruneConfig) -> Allocation:
+    """Choose what every block keeps: coarse counts, then fine indices."""
     adapter = adapter_for(model)
     geo = geometry(model, adapter)
     check_budget(cfg.budget)
@@ -117,7 +131,7 @@ def plan_blocks(
     _check_counts(geo, counts, cfg.budget, cfg.round_to)
     plans = [select(h, c, n, geo.num_kv_heads) for (h, c), n in zip(scores, counts, strict=True)]
     ratios = [n.params(geo) / geo.block_params() for n in counts]
-    return plans, ratios, geo
+    return Allocation(keep_ratios=ratios, blocks=plans)
 
 
 def _check_counts(geo: Geometry, counts: list[BlockCounts], budget: float, round_to: int) -> None:
@@ -149,77 +163,126 @@ def enable_biases(model, adapter: DecoderAdapter) -> None:
         config.cfsp_extra_bias = ["o_proj", "down_proj"]
 
 
+def _head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
+    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)])
+
+
+def prune_block(
+    adapter: DecoderAdapter,
+    block,
+    plan: BlockPlan,
+    stats: BlockStats,
+    cfg: PruneConfig,
+    head_dim: int,
+) -> dict:
+    """Fold the pruned inputs of o_proj / down_proj (per `cfg.reconstruct`), then slice."""
+    p = adapter.parts(block)
+    row: dict = {}
+    folded = {}
+    for name, layer, st, keep in (
+        ("o", p.o, stats.o, _head_channels(plan.heads, head_dim)),
+        ("down", p.down, stats.down, torch.tensor(plan.channels)),
+    ):
+        w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)
+        plain_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.double()
+        row[f"{name}_before"] = relative_error(
+            layer.weight, layer.bias, st, keep, layer.weight.double()[:, keep], plain_b
+        )
+        row[f"{name}_after"] = relative_error(layer.weight, layer.bias, st, keep, w_new, b_new)
+        folded[name] = (w_new, b_new)
+    apply_plan(adapter, block, plan, head_dim)
+    p = adapter.parts(block)
+    for name, layer in (("o", p.o), ("down", p.down)):
+        w_new, b_new = folded[name]
+        layer.weight.copy_(w_new.to(layer.weight.dtype))
+        if layer.bias is not None:
+            layer.bias.copy_(b_new.to(layer.bias.dtype))
+    return row
+
+
 @torch.no_grad()
-def prune_model(model, stats: Statistics, cfg: PruneConfig) -> PruneReport:
-    """Prune (and reconstruct) `model` in place; return what was done."""
+def prune_model(
+    model,
+    stats: Statistics,
+    cfg: PruneConfig,
+    windows: TokenWindows | None = None,
+    allocation: Allocation | None = None,
+    batch_size: int = 8,
+) -> PruneReport:
+    """Prune (and reconstruct) `model` in place; return what was done.
+
+    `cfg.stats == "sequential"` recomputes each block's statistics on the outputs of the
+    already-pruned blocks before it (a second pass over `windows`); "dense" uses `stats`.
+    """
     adapter = adapter_for(model)
     t0 = time.perf_counter()
     before = geometry(model, adapter)
-    plans, ratios, geo = plan_blocks(model, stats, cfg)
+    allocation = allocation or allocate(model, stats, cfg)
     t_plan = time.perf_counter()
     if cfg.reconstruct != "none":
         enable_biases(model, adapter)
+    stream = None
+    if cfg.stats == "sequential" and cfg.reconstruct != "none":
+        if windows is None:
+            raise UsageError("sequential statistics need the calibration windows")
+        stream = first_block_inputs(model, windows.ids, batch_size)
     errors = []
-    for index, (block, plan) in enumerate(zip(adapter.layers(model), plans, strict=True)):
+    for index, (block, plan) in enumerate(
+        zip(adapter.layers(model), allocation.blocks, strict=True)
+    ):
         tb = time.perf_counter()
-        p = adapter.parts(block)
-        o_keep = torch.tensor(
-            [h * geo.head_dim + j for h in plan.heads for j in range(geo.head_dim)]
-        )
-        d_keep = torch.tensor(plan.channels)
-        folded = {}
-        row = {"block": index}
-        for name, layer, st, keep in (
-            ("o", p.o, stats.blocks[index].o, o_keep),
-            ("down", p.down, stats.blocks[index].down, d_keep),
-        ):
-            w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)
-            zero_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.double()
-            row[f"{name}_before"] = relative_error(
-                layer.weight, layer.bias, st, keep, layer.weight.double()[:, keep], zero_b
-            )
-            row[f"{name}_after"] = relative_error(layer.weight, layer.bias, st, keep, w_new, b_new)
-            folded[name] = (w_new, b_new)
-        apply_plan(adapter, block, plan, geo.head_dim)
-        p = adapter.parts(block)
-        for name, layer in (("o", p.o), ("down", p.down)):
-            w_new, b_new = folded[name]
-            layer.weight.copy_(w_new.to(layer.weight.dtype))
-            if layer.bias is not None:
-                layer.bias.copy_(b_new.to(layer.bias.dtype))
+        block_stats = stats.blocks[index]
+        if stream is not None:  # this block's inputs come from the pruned blocks before it
+            block_stats = run_block(block, adapter.parts(block), *stream, advance=False)
+        row = {
+            "block": index,
+            **prune_block(adapter, block, plan, block_stats, cfg, before.head_dim),
+        }
+        if stream is not None:
+            hiddens, kwargs_list = stream
+            for j, h in enumerate(hiddens):
+                hiddens[j] = block_forward(block, h, kwargs_list[j])
         errors.append(row)
-        w = plan.widths()
-        log.info(
-            "prune block %2d: keep %.3f heads %d/%d kv %d/%d ffn %4d/%d  err o %.4f->%.4f "
-            "down %.4f->%.4f  %.2fs",
-            index,
-            ratios[index],
-            w.num_heads,
-            before.num_heads,
-            w.num_kv_heads,
-            before.num_kv_heads,
-            w.intermediate,
-            before.intermediate,
-            row["o_before"],
-            row["o_after"],
-            row["down_before"],
-            row["down_after"],
-            time.perf_counter() - tb,
+        _log_block(
+            index, allocation.keep_ratios[index], plan, before, row, time.perf_counter() - tb
         )
-    update_config(model.config, [p.widths() for p in plans], geo.head_dim)
+    update_config(model.config, [p.widths() for p in allocation.blocks], before.head_dim)
     params_before = before.block_params() * before.num_blocks
     params_after = sum(
-        geo.attn_params(len(p.heads), len(p.kv_heads)) + geo.ffn_params(len(p.channels))
-        for p in plans
+        before.attn_params(len(p.heads), len(p.kv_heads)) + before.ffn_params(len(p.channels))
+        for p in allocation.blocks
     )
     t_end = time.perf_counter()
     return PruneReport(
         config=cfg.model_dump(),
-        keep_ratios=ratios,
-        plans=plans,
+        keep_ratios=allocation.keep_ratios,
+        plans=allocation.blocks,
         block_params_before=params_before,
         block_params_after=params_after,
         achieved_fraction=1.0 - params_after / params_before,
         errors=errors,
         timings={"plan": round(t_plan - t0, 3), "prune_reconstruct": round(t_end - t_plan, 3)},
+    )
+
+
+def _log_block(
+    index: int, keep: float, plan: BlockPlan, dense: Geometry, row: dict, seconds: float
+) -> None:
+    w = plan.widths()
+    log.info(
+        "prune block %2d: keep %.3f heads %d/%d kv %d/%d ffn %4d/%d  rel.err o %.4f->%.4f "
+        "down %.4f->%.4f  %.2fs",
+        index,
+        keep,
+        w.num_heads,
+        dense.num_heads,
+        w.num_kv_heads,
+        dense.num_kv_heads,
+        w.intermediate,
+        dense.intermediate,
+        row["o_before"],
+        row["o_after"],
+        row["down_before"],
+        row["down_after"],
+        seconds,
     )

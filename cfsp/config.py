@@ -31,7 +31,6 @@ class CalibConfig(Strict):
     nsamples: int = Field(128, gt=0)
     seqlen: int = Field(128, gt=0)
     seed: int = 0
-    batch_size: int = Field(8, gt=0)
 
 
 class PruneConfig(Strict):
@@ -49,6 +48,7 @@ class PruneConfig(Strict):
     exponent: float = Field(0.5, ge=0)
     round_to: Literal[1, 8, 64, 128] = 1
     damping: float = Field(0.01, gt=0)
+    stats: Literal["dense", "sequential"] = "dense"
     seed: int = 0
 
     @model_validator(mode="after")
@@ -62,6 +62,110 @@ class PruneConfig(Strict):
         return self
 
 
+class CaptureConfig(Strict):
+    batch_size: int = Field(8, gt=0)
+
+
+class AllocateConfig(Strict):
+    """Everything that decides what is kept (besides budget and method)."""
+
+    structures: Literal["ffn+heads", "ffn"] = "ffn+heads"
+    temperature: float = Field(1.0, gt=0)
+    control: float = Field(1.0, gt=0)
+    floor: float = Field(0.05, gt=0, lt=1)
+    exponent: float = Field(0.5, ge=0)
+    round_to: Literal[1, 8, 64, 128] = 1
+    seed: int = 0
+
+
+class ReconstructConfig(Strict):
+    damping: float = Field(0.01, gt=0)
+    stats: Literal["dense", "sequential"] = "dense"
+
+
+class EvalConfig(Strict):
+    perplexity: list[str] = ["wikitext2", "botchan"]
+    seqlen: int = Field(128, gt=0)
+    limit: int | None = Field(64, gt=0)
+    batch_tokens: int = Field(4096, gt=0)
+
+
+class TrackingConfig(Strict):
+    experiment: str = "cfsp"
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+
+
+class Params(Strict):
+    """params.yaml: what to compress (models x budgets x methods) and one section per stage."""
+
+    models: list[str] = ["smollm2-135m"]
+    budgets: list[float] = [0.3]
+    methods: list[str] = ["cfsp"]
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    output: str = "out"
+    prepare: CalibConfig = CalibConfig()
+    capture: CaptureConfig = CaptureConfig()
+    allocate: AllocateConfig = AllocateConfig()
+    reconstruct: ReconstructConfig = ReconstructConfig()
+    evaluate: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> Params:
+        for budget in self.budgets:
+            if not 0.0 <= budget < 1.0:
+                raise ValueError(f"budgets: {budget} is not in [0, 1)")
+        for method in self.methods:
+            try:
+                prune_config(self, method, self.budgets[0] if self.budgets else 0.0)
+            except (ValidationError, ValueError) as err:
+                detail = (
+                    "; ".join(e["msg"] for e in err.errors())
+                    if isinstance(err, ValidationError)
+                    else str(err)
+                )
+                raise ValueError(f"methods: {method!r}: {detail}") from None
+        return self
+
+
+def parse_variant(variant: str) -> tuple[str, dict]:
+    """`PRESET[+key=value...]` -> (preset, overrides), e.g. `flap+reconstruct=liar`."""
+    method, *items = variant.split("+")
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"method variant {variant!r}: expected key=value after '+'")
+        overrides[key] = value
+    return method, overrides
+
+
+def prune_config(params: Params, variant: str, budget: float) -> PruneConfig:
+    """The full pruning config for one (method variant, budget) of a params file."""
+    method, overrides = parse_variant(variant)
+    values = {**params.allocate.model_dump(), **params.reconstruct.model_dump()}
+    values.update(method=method, budget=budget, **overrides)
+    return PruneConfig(**values)
+
+
+def load_params(path) -> Params:
+    """Read and validate params.yaml before any work starts."""
+    from pathlib import Path
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"params file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UsageError(f"{path} is not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise UsageError(f"{path} must hold a mapping of sections")
+    return validate(Params, raw, str(path))
+
+
 def validate(model_cls: type[Strict], values: dict, where: str = "parameters") -> Strict:
     """Build a config, turning pydantic's report into one readable UsageError."""
     try:
@@ -72,6 +176,23 @@ def validate(model_cls: type[Strict], values: dict, where: str = "parameters") -
             loc = ".".join(str(p) for p in e["loc"]) or "value"
             msg = e["msg"].removeprefix("Value error, ")
             if e["type"] == "extra_forbidden":
-                msg = f"unknown key (allowed: {', '.join(model_cls.model_fields)})"
+                msg = "unknown key" + _suggest(str(e["loc"][-1]), model_cls, e["loc"])
             problems.append(f"{loc}: {msg}")
         raise UsageError(f"invalid {where}: " + "; ".join(problems)) from None
+
+
+def _suggest(key: str, model_cls: type[BaseModel], loc: tuple) -> str:
+    """Name the allowed keys of the section that rejected `key` (and the closest one)."""
+    import difflib
+
+    cls = model_cls
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type):
+            break
+        if issubclass(field.annotation, BaseModel):
+            cls = field.annotation
+    allowed = list(cls.model_fields)
+    close = difflib.get_close_matches(key, allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f" (allowed: {', '.join(allowed)}){hint}"

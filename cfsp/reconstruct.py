@@ -75,16 +75,19 @@ def relative_error(
     new_weight: torch.Tensor,
     new_bias: torch.Tensor,
 ) -> float:
-    """E_x ||y - y'||^2 / E_x ||y||^2 from the Gram matrix and mean (no activations needed)."""
-    w = weight.detach().double()
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
+    """E_x ||y - y'||^2 / E_x ||y||^2 from the Gram matrix and mean (no activations needed).
+
+    A report, not a solve: the quadratic forms run in float32 (4x faster on CPU, ~1e-5 rel.).
+    """
+    w = weight.detach().float()
+    b = torch.zeros(w.shape[0]) if bias is None else bias.detach().float()
     delta = w.clone()
-    delta[:, keep] -= new_weight.double()
-    delta_b = b - new_bias.double()
-    second = stats.gram / stats.count  # E[x x^T]
-    mu = stats.mean
+    delta[:, keep] -= new_weight.float()
+    delta_b = b - new_bias.float()
+    second = (stats.gram / stats.count).float()  # E[x x^T]
+    mu = stats.mean.float()
 
     def energy(m: torch.Tensor, c: torch.Tensor) -> float:
-        return float(torch.einsum("ij,jk,ik->", m, second, m) + 2 * c @ (m @ mu) + c @ c)
+        return float(((m @ second) * m).sum() + 2 * c @ (m @ mu) + c @ c)
 
     return energy(delta, delta_b) / max(energy(w, b), 1e-30)

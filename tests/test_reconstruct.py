@@ -58,7 +58,7 @@ def test_error_order_liar_bias_none_and_exact_formula():
     for method in ("liar", "bias", "none"):
         w2, b2 = fold(w, b, st, keep, method, damping=1e-6)
         errs[method] = _error(x, w, b, keep, w2, b2)
-        assert relative_error(w, b, st, keep, w2, b2) == pytest.approx(errs[method], rel=1e-6)
+        assert relative_error(w, b, st, keep, w2, b2) == pytest.approx(errs[method], rel=1e-4)
     assert errs["liar"] <= errs["bias"] <= errs["none"]
 
 
@@ -108,3 +108,28 @@ def test_model_level_error_order_on_calibration_data():
             key = f"{mod}_after"
             assert rows["liar"][i][key] <= rows["bias"][i][key] + 1e-9
             assert rows["bias"][i][key] <= rows["none"][i][key] + 1e-9
+
+
+def test_sequential_statistics_follow_the_pruned_prefix():
+    windows = random_windows(n=8, seqlen=16)
+    models = {}
+    reports = {}
+    for mode in ("dense", "sequential"):
+        model = tiny_model("llama-gqa")
+        stats = capture(model, windows, progress=False)
+        cfg = PruneConfig(budget=0.4, reconstruct="liar", stats=mode)
+        reports[mode] = prune_model(model, stats, cfg, windows=windows)
+        models[mode] = model
+    # Same plan either way; block 0 sees identical inputs, later blocks do not.
+    assert [p.to_dict() for p in reports["dense"].plans] == [
+        p.to_dict() for p in reports["sequential"].plans
+    ]
+    assert reports["dense"].errors[0] == pytest.approx(reports["sequential"].errors[0], rel=1e-6)
+    assert reports["dense"].errors[1] != pytest.approx(reports["sequential"].errors[1], rel=1e-6)
+    with pytest.raises(Exception, match="calibration windows"):
+        model = tiny_model("llama-gqa")
+        prune_model(
+            model,
+            capture(model, windows, progress=False),
+            PruneConfig(budget=0.4, stats="sequential"),
+        )

@@ -1,0 +1,226 @@
+"""The pipeline's stages as pure functions: specs and artifact paths in, artifacts out.
+
+    prepare      model + text source        -> tokens.safetensors (+ fingerprint)
+    capture      model + tokens             -> stats.safetensors
+    allocate     model + stats + config     -> allocation.json + allocation.png
+    prune        model + allocation         -> pruned checkpoint (no compensation)
+    reconstruct  model + pruned dir + stats -> reconstructed checkpoint
+    evaluate     checkpoint + eval config   -> metrics.json
+
+The CLI (`cfsp stage ...`), the Prefect tasks and the DVC stages all call these. Every output
+is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from cfsp.api import library_versions
+from cfsp.capture import Statistics, capture
+from cfsp.compress import Allocation, allocate, prune_model
+from cfsp.config import CalibConfig, EvalConfig, PruneConfig
+from cfsp.data import TokenWindows, calibration_windows, tensor_hash
+from cfsp.errors import CfspError, UsageError
+from cfsp.evaluate.api import count_params, evaluate_model
+from cfsp.export import read_manifest, save_checkpoint
+from cfsp.io import atomic_dir, check_writable_parent, read_json, write_json
+from cfsp.models import load_model
+from cfsp.plots import allocation_plot
+
+log = logging.getLogger(__name__)
+
+TOKENS = "tokens.safetensors"
+STATS = "stats.safetensors"
+ALLOCATION = "allocation.json"
+METRICS = "metrics.json"
+
+
+def _load_tokens(path: Path) -> TokenWindows:
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"calibration tokens {path} do not exist; run the prepare stage first")
+    with safe_open(str(path), "pt") as handle:
+        ids = handle.get_tensor("ids")
+        fingerprint = json.loads(handle.metadata()["fingerprint"])
+    if tensor_hash(ids) != fingerprint["hash"]:
+        raise CfspError(f"{path}: token ids do not match their recorded hash (corrupt file)")
+    return TokenWindows(ids, fingerprint)
+
+
+def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float32") -> dict:
+    """Tokenize the calibration source into N x L windows; returns the fingerprint."""
+    check_writable_parent(out)
+    loaded = load_model(model_spec, dtype=dtype)
+    windows = calibration_windows(
+        calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
+    )
+    fingerprint = {**windows.fingerprint, "model": model_spec, "revision": loaded.revision}
+    with atomic_dir(out) as tmp:
+        save_file(
+            {"ids": windows.ids.contiguous()},
+            str(tmp / TOKENS),
+            metadata={"fingerprint": json.dumps(fingerprint)},
+        )
+        write_json(tmp / "prepare.json", {"config": calib.model_dump(), "fingerprint": fingerprint})
+    return fingerprint
+
+
+def capture_stage(
+    model_spec: str, tokens: Path, out: Path, batch_size: int = 8, dtype: str = "float32"
+) -> dict:
+    """One pass over the calibration tokens; writes per-block statistics."""
+    check_writable_parent(out)
+    windows = _load_tokens(Path(tokens) / TOKENS if Path(tokens).is_dir() else tokens)
+    loaded = load_model(model_spec, dtype=dtype)
+    stats = capture(loaded.model, windows, batch_size=batch_size)
+    with atomic_dir(out) as tmp:
+        stats.save(tmp / STATS)
+        write_json(
+            tmp / "capture.json",
+            {
+                "fingerprint": windows.fingerprint,
+                "wall_s": stats.wall_s,
+                "angular": [b.angular for b in stats.blocks],
+                "batch_size": batch_size,
+            },
+        )
+    return {"wall_s": stats.wall_s, "blocks": len(stats.blocks)}
+
+
+def _load_stats(path: Path) -> Statistics:
+    path = Path(path)
+    path = path / STATS if path.is_dir() else path
+    if not path.is_file():
+        raise UsageError(f"statistics {path} do not exist; run the capture stage first")
+    return Statistics.load(path)
+
+
+def allocate_stage(
+    model_spec: str, stats_path: Path, cfg: PruneConfig, out: Path, dtype: str = "float32"
+) -> dict:
+    """Per-block keep ratios and kept indices, with a plot against the angular distances."""
+    check_writable_parent(out)
+    stats = _load_stats(stats_path)
+    loaded = load_model(model_spec, dtype=dtype)
+    start = time.perf_counter()
+    alloc = allocate(loaded.model, stats, cfg)
+    payload = {
+        "config": cfg.model_dump(),
+        "calibration": stats.fingerprint,
+        "angular": [b.angular for b in stats.blocks],
+        **alloc.to_dict(),
+        "widths": [b.widths().to_dict() for b in alloc.blocks],
+        "wall_s": round(time.perf_counter() - start, 3),
+    }
+    with atomic_dir(out) as tmp:
+        write_json(tmp / ALLOCATION, payload)
+        allocation_plot(
+            alloc.keep_ratios,
+            payload["angular"],
+            cfg.budget,
+            f"{model_spec}: {cfg.method} allocation={cfg.allocation} p={cfg.budget}",
+            tmp / "allocation.png",
+        )
+    return {"keep_ratios": alloc.keep_ratios}
+
+
+def _manifest(model_spec, loaded, stats, report, params_before, timings) -> dict:
+    return {
+        "source_model": model_spec,
+        "source_path": loaded.path,
+        "revision": loaded.revision,
+        "calibration": {"fingerprint": stats.fingerprint},
+        "prune": report.to_dict(),
+        "params_before": params_before,
+        "params_after": count_params(loaded.model),
+        "versions": library_versions(),
+        "timings_s": timings,
+    }
+
+
+def _slice(
+    model_spec: str,
+    stats_path: Path,
+    alloc: Allocation,
+    cfg: PruneConfig,
+    out: Path,
+    dtype: str,
+    tokens: Path | None,
+) -> dict:
+    check_writable_parent(out)
+    stats = _load_stats(stats_path)
+    windows = (
+        _load_tokens(Path(tokens) / TOKENS if Path(tokens).is_dir() else tokens)
+        if tokens is not None
+        else None
+    )
+    loaded = load_model(model_spec, dtype=dtype)
+    params_before = count_params(loaded.model)
+    start = time.perf_counter()
+    report = prune_model(loaded.model, stats, cfg, windows=windows, allocation=alloc)
+    manifest = _manifest(
+        model_spec,
+        loaded,
+        stats,
+        report,
+        params_before,
+        {"capture": stats.wall_s, "slice": round(time.perf_counter() - start, 3)},
+    )
+    with atomic_dir(out) as tmp:
+        save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest)
+    return {"achieved_fraction": report.achieved_fraction, "params_after": manifest["params_after"]}
+
+
+def prune_stage(
+    model_spec: str,
+    stats_path: Path,
+    allocation_path: Path,
+    cfg: PruneConfig,
+    out: Path,
+    dtype: str = "float32",
+) -> dict:
+    """Slice the dense model to the allocation, with no compensation."""
+    cfg = cfg.model_copy(update={"reconstruct": "none"})
+    alloc_file = Path(allocation_path)
+    alloc_file = alloc_file / ALLOCATION if alloc_file.is_dir() else alloc_file
+    alloc = Allocation.from_dict(read_json(alloc_file))
+    return _slice(model_spec, stats_path, alloc, cfg, out, dtype, None)
+
+
+def reconstruct_stage(
+    model_spec: str,
+    pruned_dir: Path,
+    stats_path: Path,
+    cfg: PruneConfig,
+    out: Path,
+    tokens: Path | None = None,
+    dtype: str = "float32",
+) -> dict:
+    """Slice again with the pruned inputs folded into the kept ones (cfg.reconstruct)."""
+    pruned = read_manifest(pruned_dir)["prune"]
+    alloc = Allocation.from_dict({"keep_ratios": pruned["keep_ratios"], "blocks": pruned["kept"]})
+    return _slice(
+        model_spec,
+        stats_path,
+        alloc,
+        cfg,
+        out,
+        dtype,
+        tokens if cfg.stats == "sequential" else None,
+    )
+
+
+def evaluate_stage(model_dir: str, cfg: EvalConfig, out: Path, dtype: str = "float32") -> dict:
+    """Perplexity on each source at cfg.seqlen and the parameter count -> out/metrics.json."""
+    check_writable_parent(out)
+    metrics = evaluate_model(str(model_dir), cfg, dtype)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / METRICS, metrics)
+        write_json(tmp / "evaluate.json", {"config": cfg.model_dump()})
+    return metrics

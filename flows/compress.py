@@ -1,0 +1,230 @@
+"""Prefect flows: `sweep` over models x budgets x methods, and `compress` for one of each.
+
+The flow only wires tasks together; every stage is a cached task that exchanges artifact
+paths and content hashes. Artifacts live under `<output>/store/<stage>/<key>`, where the key is
+a digest of everything upstream (model content key, parameter sections, method config), so the
+same inputs always land in the same place and a rerun is served from cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from cfsp.config import Params, prune_config
+from cfsp.io import read_json, write_json
+from flows.keys import digest, model_key, run_name, slug
+from tasks import stages as t
+from tasks.track import track, tracking_uri
+
+
+def _submit(task_fn, out: Path, **kwargs):
+    """Submit a cached stage; recompute when the artifact its cache record names is gone."""
+    return task_fn.with_options(refresh_cache=not out.exists()).submit(out=str(out), **kwargs)
+
+
+def _model_branch(params: Params, model: str, store: Path) -> dict:
+    mk = model_key(model)
+    prep_key = digest(mk, params.prepare.model_dump(), params.dtype)
+    cap_key = digest(prep_key, params.capture.model_dump())
+    tokens = _submit(
+        t.prepare,
+        store / "prepare" / prep_key,
+        model=model,
+        model_key=mk,
+        calib=params.prepare.model_dump(),
+        dtype=params.dtype,
+    )
+    stats = _submit(
+        t.capture,
+        store / "capture" / cap_key,
+        model=model,
+        model_key=mk,
+        tokens=tokens,
+        batch_size=params.capture.batch_size,
+        dtype=params.dtype,
+    )
+    dense_eval = _submit(
+        t.evaluate,
+        store / "evaluate" / digest(mk, params.evaluate.model_dump()),
+        model=model,
+        model_hash=mk,
+        evaluate=params.evaluate.model_dump(),
+        dtype=params.dtype,
+    )
+    return {"key": mk, "cap_key": cap_key, "tokens": tokens, "stats": stats, "dense": dense_eval}
+
+
+def _method_branch(
+    params: Params, model: str, base: dict, budget: float, method: str, store: Path
+) -> dict:
+    cfg = prune_config(params, method, budget).model_dump()
+    mk = base["key"]
+    alloc_key = digest(base["cap_key"], cfg)
+    rec_key = digest(alloc_key, "reconstruct")
+    alloc = _submit(
+        t.allocate,
+        store / "allocate" / alloc_key,
+        model=model,
+        model_key=mk,
+        stats=base["stats"],
+        prune=cfg,
+        dtype=params.dtype,
+    )
+    pruned = _submit(
+        t.prune,
+        store / "prune" / alloc_key,
+        model=model,
+        model_key=mk,
+        stats=base["stats"],
+        allocation=alloc,
+        prune=cfg,
+        dtype=params.dtype,
+    )
+    rec = _submit(
+        t.reconstruct,
+        store / "reconstruct" / rec_key,
+        model=model,
+        model_key=mk,
+        pruned=pruned,
+        stats=base["stats"],
+        tokens=base["tokens"],
+        prune=cfg,
+        dtype=params.dtype,
+    )
+    rec_dir = str(store / "reconstruct" / rec_key)
+    ev = _submit(
+        t.evaluate,
+        store / "evaluate" / digest(rec_key, params.evaluate.model_dump()),
+        model=rec_dir,
+        model_hash=rec,
+        evaluate=params.evaluate.model_dump(),
+        dtype=params.dtype,
+    )
+    return {
+        "model": model,
+        "budget": budget,
+        "method": method,
+        "config": cfg,
+        "alloc": alloc,
+        "pruned": pruned,
+        "rec": rec,
+        "eval": ev,
+        "base": base,
+    }
+
+
+def _metrics(branch: dict, dense: dict, evaluation: dict, rec: dict, stats: dict) -> dict:
+    seqlen = evaluation["metrics"]["seqlen"]
+    out = {
+        "params": evaluation["metrics"]["params"],
+        "params_ratio": evaluation["metrics"]["params"] / dense["metrics"]["params"],
+        "achieved_fraction": rec["achieved_fraction"],
+        "capture_s": stats["wall_s"],
+    }
+    for source, ppl in evaluation["metrics"]["ppl"].items():
+        name = f"ppl_{slug(source)}_s{seqlen}"
+        out[name] = ppl
+        out[f"{name}_ratio"] = ppl / dense["metrics"]["ppl"][source]
+    return out
+
+
+def _report(branch: dict, params: Params, uri: str) -> dict:
+    log = get_run_logger()
+    alloc, rec = branch["alloc"].result(), branch["rec"].result()
+    evaluation, dense = branch["eval"].result(), branch["base"]["dense"].result()
+    stats = branch["base"]["stats"].result()
+    name = run_name(branch["model"], branch["method"], branch["budget"])
+    metrics = _metrics(branch, dense, evaluation, rec, stats)
+    allocation = read_json(Path(alloc["path"]) / "allocation.json")
+    create_table_artifact(
+        key=f"allocation-{slug(name).lower().replace('_', '-').replace('.', '-')}"[:60],
+        table=[
+            {"block": i, "keep": round(k, 4), **w}
+            for i, (k, w) in enumerate(
+                zip(allocation["keep_ratios"], allocation["widths"], strict=True)
+            )
+        ],
+        description=f"Per-block allocation of {name}",
+    )
+    artifacts = [str(Path(alloc["path"]) / f) for f in ("allocation.json", "allocation.png")]
+    artifacts += [
+        str(Path(rec["path"]) / "cfsp_manifest.json"),
+        str(Path(evaluation["path"]) / "metrics.json"),
+    ]
+    run_id = track(
+        name,
+        uri,
+        params.tracking.experiment,
+        {
+            "model": branch["model"],
+            "budget": branch["budget"],
+            "method": branch["method"],
+            "prune": branch["config"],
+            "prepare": params.prepare.model_dump(),
+            "evaluate": params.evaluate.model_dump(),
+        },
+        metrics,
+        artifacts,
+        str(Path(params.output) / "mlartifacts"),
+    )
+    summary = {
+        "name": name,
+        "model": branch["model"],
+        "budget": branch["budget"],
+        "method": branch["method"],
+        "checkpoint": rec["path"],
+        "metrics": metrics,
+        "dense_ppl": dense["metrics"]["ppl"],
+        "ppl": evaluation["metrics"]["ppl"],
+        "mlflow_run_id": run_id,
+        "allocation_plot": artifacts[1],
+    }
+    write_json(Path(params.output) / "runs" / name / "summary.json", summary)
+    log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+    return summary
+
+
+def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
+    store = Path(params.output) / "store"
+    uri = tracking_uri(params.tracking.uri, params.output)
+    bases = {m: _model_branch(params, m, store) for m in dict.fromkeys(g[0] for g in grid)}
+    branches = [_method_branch(params, m, bases[m], b, meth, store) for m, b, meth in grid]
+    summaries = [_report(branch, params, uri) for branch in branches]
+    rows = "\n".join(
+        f"| {s['name']} | {s['metrics']['achieved_fraction']:.4f} | {s['metrics']['params']:,} | "
+        + " | ".join(f"{s['dense_ppl'][k]:.2f} -> {v:.2f}" for k, v in s["ppl"].items())
+        + " |"
+        for s in summaries
+    )
+    create_markdown_artifact(
+        key="evaluation-summary",
+        markdown="| run | removed | params | perplexity (dense -> pruned) |\n|---|---|---|---|\n"
+        + rows,
+        description="cfsp evaluation summary",
+    )
+    return summaries
+
+
+@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+def sweep(params: dict) -> list[dict]:
+    """Every model x budget x method of a params.yaml, sharing per-model stages."""
+    p = Params(**params)
+    grid = [(m, b, meth) for m in p.models for b in p.budgets for meth in p.methods]
+    start = time.perf_counter()
+    out = run_grid(p, grid)
+    logging.getLogger("cfsp").info(
+        "sweep of %d runs took %.1fs", len(grid), time.perf_counter() - start
+    )
+    return out
+
+
+@flow(name="compress", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+def compress(params: dict, model: str, budget: float, method: str) -> dict:
+    """One model at one budget with one method."""
+    return run_grid(Params(**params), [(model, budget, method)])[0]

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers, one per pipeline stage (see tasks/stages.py)."""

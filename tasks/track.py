@@ -1,0 +1,98 @@
+"""MLflow tracking: one run per (model, budget, method), found again by name on reruns."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+from prefect import task
+
+from cfsp import __version__
+
+
+def tracking_uri(configured: str | None, output: str) -> str:
+    """MLFLOW_TRACKING_URI wins; then params.yaml; then sqlite in the output directory."""
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if configured:
+        return configured
+    return f"sqlite:///{Path(output).absolute() / 'mlflow.db'}"
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+        return out.stdout.strip() or "none"
+    except (OSError, subprocess.SubprocessError):
+        return "none"
+
+
+def _file_hash(path: str) -> str:
+    p = Path(path)
+    return hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "none"
+
+
+def _flatten(prefix: str, value, out: dict) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(f"{prefix}.{k}" if prefix else k, v, out)
+    else:
+        out[prefix] = value
+
+
+@task(name="track", retries=2, retry_delay_seconds=3)
+def track(
+    name: str,
+    uri: str,
+    experiment: str,
+    params: dict,
+    metrics: dict,
+    artifacts: list[str],
+    artifact_root: str,
+) -> str:
+    """Create or update the MLflow run `name`; returns its run id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from prefect.runtime import flow_run
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        exp = mlflow.get_experiment_by_name(experiment)
+        exp_id = (
+            exp.experiment_id
+            if exp
+            else mlflow.create_experiment(
+                experiment, artifact_location=Path(artifact_root).absolute().as_uri()
+            )
+        )
+        found = mlflow.search_runs(
+            [exp_id],
+            filter_string=f"tags.`mlflow.runName` = '{name}'",
+            max_results=1,
+            output_format="list",
+        )
+    except MlflowException as err:
+        raise RuntimeError(f"MLflow tracking at {uri} failed: {err}") from err
+    flat: dict = {}
+    _flatten("", params, flat)
+    tags = {
+        "cfsp.version": __version__,
+        "git.commit": _git_commit(),
+        "dvc.lock.sha256": _file_hash("dvc.lock"),
+        "prefect.flow_run_id": str(flow_run.get_id() or "none"),
+    }
+    with mlflow.start_run(
+        run_id=found[0].info.run_id if found else None, run_name=name, experiment_id=exp_id
+    ) as run:
+        if not found:
+            mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
+        mlflow.set_tags(tags)
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+        for path in artifacts:
+            if Path(path).is_file():
+                mlflow.log_artifact(path)
+        return run.info.run_id
