@@ -229,6 +229,150 @@ def _print_summaries(summaries: list[dict], seconds: float) -> None:
     Console(width=160).print(table)
 
 
+stage_app = typer.Typer(
+    help="Run one pipeline stage with the parameters of a params.yaml (what dvc.yaml calls).",
+    no_args_is_help=True,
+)
+app.add_typer(stage_app, name="stage")
+OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of this stage.")]
+StageModelOpt = Annotated[str, typer.Option("--model", "-m", help="Dense model spec.")]
+BudgetOpt = Annotated[float, typer.Option(help="Budget (fraction of block parameters).")]
+MethodOpt = Annotated[str, typer.Option(help="Method variant, e.g. cfsp or flap+reconstruct=liar.")]
+
+
+@stage_app.command("prepare")
+def stage_prepare(model: StageModelOpt, out: OutOpt, params: ParamsOpt = Path("params.yaml")):
+    """Calibration text -> token windows (tokens.safetensors)."""
+    from cfsp import stages
+
+    p = _params(params)
+    fp = stages.prepare(model, p.prepare, out, p.dtype)
+    typer.echo(f"{out}: {fp['count']} windows x {fp['seqlen']} tokens from {fp['source']}")
+
+
+@stage_app.command("capture")
+def stage_capture(
+    model: StageModelOpt,
+    tokens: Annotated[Path, typer.Option()],
+    out: OutOpt,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """One pass over the calibration tokens -> per-block statistics (stats.safetensors)."""
+    from cfsp import stages
+
+    p = _params(params)
+    info = stages.capture_stage(model, tokens, out, p.capture.batch_size, p.dtype)
+    typer.echo(f"{out}: statistics of {info['blocks']} blocks in {info['wall_s']:.1f}s")
+
+
+@stage_app.command("allocate")
+def stage_allocate(
+    model: StageModelOpt,
+    stats: Annotated[Path, typer.Option()],
+    out: OutOpt,
+    budget: BudgetOpt,
+    method: MethodOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    plot_data: Annotated[
+        Path | None, typer.Option(help="Also write per-block keep ratios as CSV (for dvc plots).")
+    ] = None,
+):
+    """Statistics + budget -> per-block keep ratios and kept indices (allocation.json/.png)."""
+    from cfsp import stages
+    from cfsp.config import prune_config
+
+    p = _params(params)
+    cfg = _prune_cfg(p, method, budget, prune_config)
+    info = stages.allocate_stage(model, stats, cfg, out, p.dtype)
+    if plot_data is not None:
+        from cfsp.io import atomic_file
+
+        with atomic_file(plot_data) as tmp:
+            tmp.write_text(
+                "block,keep_ratio\n"
+                + "".join(f"{i},{k:.6f}\n" for i, k in enumerate(info["keep_ratios"]))
+            )
+    typer.echo(f"{out}: keep ratios {min(info['keep_ratios']):.3f}..{max(info['keep_ratios']):.3f}")
+
+
+def _prune_cfg(p, method, budget, prune_config):
+    from pydantic import ValidationError
+
+    from cfsp.errors import UsageError
+
+    try:
+        return prune_config(p, method, budget)
+    except (ValidationError, ValueError) as err:
+        raise UsageError(f"method {method!r} at budget {budget}: {err}") from None
+
+
+@stage_app.command("prune")
+def stage_prune(
+    model: StageModelOpt,
+    stats: Annotated[Path, typer.Option()],
+    allocation: Annotated[Path, typer.Option()],
+    out: OutOpt,
+    budget: BudgetOpt,
+    method: MethodOpt,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Dense model + allocation -> physically pruned checkpoint (no compensation)."""
+    from cfsp import stages
+    from cfsp.config import prune_config
+
+    p = _params(params)
+    info = stages.prune_stage(
+        model, stats, allocation, _prune_cfg(p, method, budget, prune_config), out, p.dtype
+    )
+    typer.echo(f"{out}: {100 * info['achieved_fraction']:.2f}% of block parameters removed")
+
+
+@stage_app.command("reconstruct")
+def stage_reconstruct(
+    model: StageModelOpt,
+    pruned: Annotated[Path, typer.Option()],
+    stats: Annotated[Path, typer.Option()],
+    tokens: Annotated[Path, typer.Option()],
+    out: OutOpt,
+    budget: BudgetOpt,
+    method: MethodOpt,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Pruned checkpoint + statistics -> reconstructed checkpoint (the method's reconstruction)."""
+    from cfsp import stages
+    from cfsp.config import prune_config
+
+    p = _params(params)
+    cfg = _prune_cfg(p, method, budget, prune_config)
+    stages.reconstruct_stage(model, pruned, stats, cfg, out, tokens, p.dtype)
+    typer.echo(f"{out}: reconstructed with {cfg.reconstruct}")
+
+
+@stage_app.command("evaluate")
+def stage_evaluate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to score.")],
+    out: OutOpt,
+    params: ParamsOpt = Path("params.yaml"),
+    metrics: Annotated[
+        Path | None, typer.Option(help="Also write compact metrics JSON here (for dvc metrics).")
+    ] = None,
+):
+    """Checkpoint -> metrics.json (perplexity at the configured seqlen, parameter count)."""
+    from cfsp import stages
+    from cfsp.io import write_json
+
+    p = _params(params)
+    result = stages.evaluate_stage(model, p.evaluate, out, p.dtype)
+    compact = {
+        "params": result["params"],
+        "seqlen": result["seqlen"],
+        "ppl": {k: round(v["ppl"], 4) for k, v in result["perplexity"].items()},
+    }
+    if metrics is not None:
+        write_json(metrics, compact)
+    typer.echo(f"{out}: {compact}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: map our errors to one line and an exit code.
 
