@@ -201,11 +201,33 @@ def run_cmd(
     from cfsp.prefect_env import configure_prefect
 
     configure_prefect()
-    from flows.compress import sweep
+    from flows.compress import run_sweep
 
     start = time.perf_counter()
-    summaries = sweep(p.model_dump())
+    summaries = run_sweep(p)
     _print_summaries(summaries, time.perf_counter() - start)
+
+
+@app.command("serve")
+def serve_cmd(
+    cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (03:00 daily).")],
+    params: ParamsOpt = Path("params.yaml"),
+    name: Annotated[str, typer.Option(help="Deployment name.")] = "cfsp-sweep",
+) -> None:
+    """Serve the sweep as a scheduled Prefect deployment (runs until interrupted).
+
+    Needs a Prefect server that outlives this process: start one with `prefect server start`
+    (it binds 127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api.
+    """
+    p = _params(params)
+    from cfsp.prefect_env import configure_prefect
+
+    configure_prefect()
+    from prefect import serve
+
+    from flows.compress import deploy_sweep
+
+    serve(deploy_sweep(p, name, cron))
 
 
 def _print_summaries(summaries: list[dict], seconds: float) -> None:

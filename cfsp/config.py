@@ -95,6 +95,14 @@ class TrackingConfig(Strict):
     uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
 
 
+class RunnerConfig(Strict):
+    """Where the sweep's tasks run: threads here, or a Dask cluster (pip install cfsp[dask])."""
+
+    kind: Literal["threads", "dask"] = "threads"
+    workers: int = Field(2, gt=0)
+    address: str | None = None  # dask: scheduler address; None starts a local cluster
+
+
 class Params(Strict):
     """params.yaml: what to compress (models x budgets x methods) and one section per stage."""
 
@@ -109,6 +117,7 @@ class Params(Strict):
     reconstruct: ReconstructConfig = ReconstructConfig()
     evaluate: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    runner: RunnerConfig = RunnerConfig()
 
     @model_validator(mode="after")
     def _check_grid(self) -> Params:

@@ -228,3 +228,34 @@ def sweep(params: dict) -> list[dict]:
 def compress(params: dict, model: str, budget: float, method: str) -> dict:
     """One model at one budget with one method."""
     return run_grid(Params(**params), [(model, budget, method)])[0]
+
+
+def task_runner(params: Params):
+    """The task runner params.yaml asks for: a thread pool, or Dask (local or remote cluster)."""
+    if params.runner.kind == "threads":
+        return ThreadPoolTaskRunner(max_workers=params.runner.workers)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as err:
+        from cfsp.errors import UsageError
+
+        raise UsageError("runner.kind=dask needs prefect-dask: pip install 'cfsp[dask]'") from err
+    if params.runner.address:
+        return DaskTaskRunner(address=params.runner.address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": 1,
+            "threads_per_worker": params.runner.workers,
+            "processes": False,
+        }
+    )
+
+
+def run_sweep(params: Params) -> list[dict]:
+    """Run the sweep flow with the configured task runner."""
+    return sweep.with_options(task_runner=task_runner(params))(params.model_dump())
+
+
+def deploy_sweep(params: Params, name: str, cron: str):
+    """A deployment of the sweep on a cron schedule (served by `cfsp serve`)."""
+    return sweep.to_deployment(name=name, cron=cron, parameters={"params": params.model_dump()})

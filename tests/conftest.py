@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,11 @@ import torch
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Prefect keeps its profile, database and persisted results here: one fresh place per session.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cfsp-test-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -76,3 +82,29 @@ def random_windows(n: int = 6, seqlen: int = 16, vocab: int = 128, seed: int = 0
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, seqlen), generator=gen)
     return TokenWindows(ids, {"source": "random", "hash": tensor_hash(ids)})
+
+
+TEXT = "the cat sat on the mat and the dog ran after it. " * 80
+
+
+@pytest.fixture
+def tiny_project(tmp_path, tiny_tokenizer):
+    """A directory with a tiny model `tiny/`, a text file and a full params.yaml."""
+    import yaml
+
+    from cfsp.config import Params
+
+    model = tiny_model("llama-gqa")
+    model.save_pretrained(tmp_path / "tiny")
+    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
+    (tmp_path / "text.txt").write_text(TEXT)
+    params = Params(
+        models=["tiny"],
+        budgets=[0.4],
+        methods=["cfsp"],
+        output="out",
+        prepare={"source": "file:text.txt", "nsamples": 8, "seqlen": 16},
+        evaluate={"perplexity": ["file:text.txt"], "seqlen": 16, "limit": 4},
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
+    return tmp_path

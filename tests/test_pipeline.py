@@ -1,0 +1,169 @@
+"""The pipeline for real: Prefect's temporary server, sqlite MLflow, a git + DVC repository."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cfsp.config import load_params, validate
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def _mtimes(root: Path, stage: str) -> dict:
+    return {p.name: p.stat().st_mtime_ns for p in (root / "out/store" / stage).iterdir()}
+
+
+def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeypatch):
+    import mlflow
+
+    from flows.compress import run_sweep
+
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params("params.yaml")
+    [summary] = run_sweep(params)
+    checkpoint = Path(summary["checkpoint"])
+    assert (checkpoint / "model.safetensors").is_file()
+    assert (checkpoint / "cfsp_manifest.json").is_file()
+    assert Path(summary["allocation_plot"]).stat().st_size > 1000
+    assert abs(summary["metrics"]["achieved_fraction"] - 0.4) < 0.1
+    assert summary["metrics"]["ppl_file-text.txt_s16"] > 1
+
+    # The MLflow run, read back through the client.
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_project / 'out/mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.run_name == "tiny__cfsp__p0.4"
+    assert run.data.params["budget"] == "0.4" and run.data.params["prune.criterion"] == "cfsp"
+    assert "ppl_file-text.txt_s16_ratio" in run.data.metrics
+    for tag in ("git.commit", "dvc.lock.sha256", "prefect.flow_run_id", "cfsp.version"):
+        assert tag in run.data.tags
+    assert run.data.tags["prefect.flow_run_id"] != "none"
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"allocation.png", "cfsp_manifest.json", "metrics.json"} <= names
+
+    # A rerun is served from cache: no artifact is rewritten, the same MLflow run is updated.
+    before = {s: _mtimes(tiny_project, s) for s in ("prepare", "capture", "reconstruct")}
+    [again] = run_sweep(params)
+    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert {s: _mtimes(tiny_project, s) for s in before} == before
+    # Changing only an evaluation parameter reruns only evaluation.
+    evaluated = _mtimes(tiny_project, "evaluate")
+    changed = validate(
+        type(params),
+        {**params.model_dump(), "evaluate": {**params.evaluate.model_dump(), "limit": 3}},
+    )
+    [third] = run_sweep(changed)
+    assert {s: _mtimes(tiny_project, s) for s in before} == before
+    assert len(_mtimes(tiny_project, "evaluate")) == len(evaluated) + 2  # dense + pruned
+    assert third["metrics"]["ppl_file-text.txt_s16"] != summary["metrics"]["ppl_file-text.txt_s16"]
+    # A deleted artifact is rebuilt, not returned as a dangling cached path.
+    shutil.rmtree(checkpoint)
+    [fourth] = run_sweep(params)
+    assert (Path(fourth["checkpoint"]) / "model.safetensors").is_file()
+
+
+def test_dask_task_runner_sweep(tiny_project, prefect_server, monkeypatch):
+    from flows.compress import run_sweep
+
+    monkeypatch.chdir(tiny_project)
+    params = load_params("params.yaml")
+    params = validate(
+        type(params),
+        {**params.model_dump(), "budgets": [0.3, 0.5], "runner": {"kind": "dask", "workers": 2}},
+    )
+    summaries = run_sweep(params)
+    assert [s["budget"] for s in summaries] == [0.3, 0.5]
+    assert summaries[0]["metrics"]["params"] > summaries[1]["metrics"]["params"]
+
+
+def test_cron_deployment_is_created(tiny_project, prefect_server):
+    from prefect import get_client
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    from flows.compress import deploy_sweep
+
+    params = load_params(tiny_project / "params.yaml")
+    deployment = deploy_sweep(params, "nightly-test", "0 3 * * *")
+    deployment_id = deployment.apply()
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_deployment(deployment_id)
+
+    stored = run_coro_as_sync(read())
+    assert stored.name == "nightly-test"
+    assert [s.schedule.cron for s in stored.schedules] == ["0 3 * * *"]
+    assert stored.parameters["params"]["models"] == ["tiny"]
+
+
+def _cli(cwd: Path, *args: str, timeout: int = 600):
+    env = dict(
+        os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", COLUMNS="200"
+    )
+    return subprocess.run(
+        list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def test_invalid_params_fail_before_any_work(tiny_project):
+    params = (tiny_project / "params.yaml").read_text()
+    (tiny_project / "params.yaml").write_text(params.replace("nsamples:", "nsample:"))
+    proc = _cli(tiny_project, sys.executable, "-m", "cfsp.cli", "run")
+    assert proc.returncode == 2
+    assert (
+        "prepare.nsample: unknown key" in proc.stderr and "did you mean 'nsamples'" in proc.stderr
+    )
+    assert not (tiny_project / "out").exists()
+    (tiny_project / "params.yaml").write_text(params.replace("budgets:\n- 0.4", "budgets:\n- 1.4"))
+    proc = _cli(tiny_project, sys.executable, "-m", "cfsp.cli", "run")
+    assert proc.returncode == 2 and "1.4 is not in [0, 1)" in proc.stderr
+    assert not (tiny_project / "out").exists()
+
+
+def test_dvc_repro_lineage_and_experiments(tiny_project):
+    repo = Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "dvc.yaml", tiny_project / "dvc.yaml")
+    # The stages declare the library's code as dependencies, as in the project itself.
+    shutil.copytree(
+        repo / "cfsp", tiny_project / "cfsp", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "config", "user.email", "t@t"],
+        ["git", "config", "user.name", "t"],
+        ["dvc", "init", "-q"],
+        ["dvc", "config", "core.analytics", "false"],
+    ):
+        assert _cli(tiny_project, *cmd).returncode == 0
+    (tiny_project / ".gitignore").write_text("out/\n")
+    _cli(tiny_project, "git", "add", "-A")
+    assert _cli(tiny_project, "git", "commit", "-qm", "init").returncode == 0
+
+    first = _cli(tiny_project, "dvc", "repro")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "Running stage 'reconstruct@tiny-0.4-cfsp'" in first.stdout
+    lock = (tiny_project / "dvc.lock").read_text()
+    assert "reconstruct@tiny-0.4-cfsp" in lock and "md5" in lock
+    second = _cli(tiny_project, "dvc", "repro")
+    assert "Running stage" not in second.stdout and "up to date" in second.stdout
+    metrics = _cli(tiny_project, "dvc", "metrics", "show")
+    assert "out/dvc/tiny/cfsp-p0.4/metrics.json" in metrics.stdout
+
+    _cli(tiny_project, "git", "add", "-A")
+    _cli(tiny_project, "git", "commit", "-qm", "lineage")
+    exp = _cli(tiny_project, "dvc", "exp", "run", "-S", "budgets=[0.3]")
+    assert exp.returncode == 0, exp.stdout + exp.stderr
+    assert "Running stage 'evaluate@tiny-0.3-cfsp'" in exp.stdout
+    assert "Running stage 'capture@tiny'" not in exp.stdout  # shared upstream reused
