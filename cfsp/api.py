@@ -14,9 +14,10 @@ from cfsp.capture import capture
 from cfsp.compress import prune_model
 from cfsp.config import CalibConfig, PruneConfig
 from cfsp.data import calibration_windows
+from cfsp.errors import UsageError
 from cfsp.evaluate.api import count_params
-from cfsp.export import save_checkpoint
-from cfsp.io import atomic_dir, check_writable_parent
+from cfsp.export import MANIFEST, save_checkpoint
+from cfsp.io import atomic_dir, check_writable_parent, read_json
 from cfsp.models import load_model
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,50 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def build_manifest(
+    model_spec: str, loaded, fingerprint: dict, report, params_before: int, timings: dict, **extra
+) -> dict:
+    """Everything a pruned checkpoint records about how it was made."""
+    return {
+        "source_model": model_spec,
+        "source_path": loaded.path,
+        "revision": loaded.revision,
+        "calibration": {"fingerprint": fingerprint, **extra.pop("calibration", {})},
+        "prune": report.to_dict(),
+        "params_before": params_before,
+        "params_after": count_params(loaded.model),
+        "versions": library_versions(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        **extra,
+    }
+
+
+def guard_output(out: Path, request: dict, overwrite: bool) -> None:
+    """Refuse to replace an output that holds something else, unless told to."""
+    if overwrite or not out.exists():
+        return
+    manifest = out / MANIFEST
+    if not manifest.is_file():
+        if out.is_dir() and not any(out.iterdir()):
+            return
+        raise UsageError(
+            f"{out} exists and is not a cfsp checkpoint; choose another --out or pass --overwrite"
+        )
+    previous = read_json(manifest).get("request")
+    if previous != request:
+        raise UsageError(
+            f"{out} already holds a different run ({_describe(previous)}); "
+            "choose another --out or pass --overwrite"
+        )
+
+
+def _describe(request: dict | None) -> str:
+    if not request:
+        return "unknown request"
+    prune = request.get("prune", {})
+    return f"{request.get('model')} {prune.get('method')} budget {prune.get('budget')}"
+
+
 def compress(
     model_spec: str,
     calib: CalibConfig,
@@ -43,9 +88,17 @@ def compress(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     batch_size: int = 8,
+    overwrite: bool = False,
 ) -> dict:
     """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`."""
     out = check_writable_parent(out)
+    request = {
+        "model": model_spec,
+        "calibration": calib.model_dump(),
+        "prune": prune.model_dump(),
+        "dtype": dtype,
+    }
+    guard_output(out, request, overwrite)
     timings = {}
     t0 = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
@@ -57,20 +110,19 @@ def compress(
     t1 = time.perf_counter()
     stats = capture(loaded.model, windows, batch_size=batch_size)
     timings["capture"] = time.perf_counter() - t1
-    report = prune_model(loaded.model, stats, prune)
+    report = prune_model(loaded.model, stats, prune, windows=windows, batch_size=batch_size)
     timings.update({f"prune_{k}": v for k, v in report.timings.items()})
-    manifest = {
-        "source_model": model_spec,
-        "source_path": loaded.path,
-        "revision": loaded.revision,
-        "calibration": {"config": calib.model_dump(), "fingerprint": windows.fingerprint},
-        "prune": report.to_dict(),
-        "params_before": params_before,
-        "params_after": count_params(loaded.model),
-        "dtype": dtype,
-        "versions": library_versions(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-    }
+    manifest = build_manifest(
+        model_spec,
+        loaded,
+        windows.fingerprint,
+        report,
+        params_before,
+        timings,
+        calibration={"config": calib.model_dump()},
+        request=request,
+        dtype=dtype,
+    )
     with atomic_dir(out) as tmp:
         save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest)
     log.info(

@@ -120,7 +120,16 @@ def prune_cmd(
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for window sampling and random choices.")] = 0,
     temperature: Annotated[float, typer.Option(help="CFSP allocation temperature.")] = 1.0,
+    stats: Annotated[
+        str,
+        typer.Option(
+            help="Reconstruction statistics: dense (one pass) or sequential (second pass)."
+        ),
+    ] = "dense",
     dtype: DtypeOpt = "float32",
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace an --out that holds a different run.")
+    ] = False,
     trust_remote_code: RemoteOpt = False,
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
@@ -134,6 +143,7 @@ def prune_cmd(
         "round_to": round_to,
         "seed": seed,
         "temperature": temperature,
+        "stats": stats,
     }
     for key, value in (
         ("allocation", allocation),
@@ -148,7 +158,9 @@ def prune_cmd(
         {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "calibration options",
     )
-    manifest = compress(model, calib_cfg, prune_cfg, out, dtype, trust_remote_code)
+    manifest = compress(
+        model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, overwrite=overwrite
+    )
     report = manifest["prune"]
     typer.echo(
         f"{out}: removed {100 * report['achieved_fraction']:.2f}% of block parameters "
@@ -184,6 +196,18 @@ def _params(path: Path, overrides: list[str] | None = None):
             node = node.setdefault(part, {})
         node[leaf] = yaml.safe_load(value)
     return validate(Params, data, f"{path} with --set")
+
+
+@app.command("verify")
+def verify_cmd(directory: Annotated[Path, typer.Argument(help="A pruned checkpoint directory.")]):
+    """Check a checkpoint's weights against the sha256 recorded in its manifest."""
+    from cfsp.errors import CfspError
+    from cfsp.export import verify_checkpoint
+
+    problems = verify_checkpoint(directory)
+    if problems:
+        raise CfspError(f"{directory} does not match its manifest: " + "; ".join(problems))
+    typer.echo(f"{directory}: weights match the manifest")
 
 
 @app.command("run")
@@ -228,6 +252,35 @@ def serve_cmd(
     from flows.compress import deploy_sweep
 
     serve(deploy_sweep(p, name, cron))
+
+
+@app.command("dashboard")
+def dashboard_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI on the tracked runs (bound to 127.0.0.1, one worker)."""
+    import os
+    import subprocess
+
+    p = _params(params)
+    uri = p.tracking.resolved_uri(p.output)
+    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C to stop)")
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    raise SystemExit(subprocess.call(cmd, env=dict(os.environ)))
 
 
 def _print_summaries(summaries: list[dict], seconds: float) -> None:

@@ -92,7 +92,16 @@ class EvalConfig(Strict):
 
 class TrackingConfig(Strict):
     experiment: str = "cfsp"
-    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db
+
+    def resolved_uri(self, output: str) -> str:
+        """MLFLOW_TRACKING_URI wins; then this config; then sqlite in the output directory."""
+        import os
+        from pathlib import Path
+
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return self.uri or f"sqlite:///{Path(output).absolute() / 'mlflow.db'}"
 
 
 class RunnerConfig(Strict):

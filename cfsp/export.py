@@ -82,3 +82,21 @@ def _is_tied(model, key: str) -> bool:
 
 def read_manifest(directory: str | Path) -> dict:
     return read_json(Path(directory) / MANIFEST)
+
+
+def verify_checkpoint(directory: str | Path) -> list[str]:
+    """Compare every weight file with the sha256 its manifest records; return the problems."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    recorded = manifest.get("weights_sha256") or {}
+    actual = weight_hashes(directory)
+    problems = [
+        f"{name}: recorded in the manifest but missing" for name in recorded if name not in actual
+    ]
+    problems += [f"{name}: not recorded in the manifest" for name in actual if name not in recorded]
+    problems += [
+        f"{name}: sha256 {actual[name][:12]}... != recorded {recorded[name][:12]}..."
+        for name in actual
+        if name in recorded and actual[name] != recorded[name]
+    ]
+    return problems

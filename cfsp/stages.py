@@ -21,7 +21,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cfsp.api import library_versions
+from cfsp.api import build_manifest
 from cfsp.capture import Statistics, capture
 from cfsp.compress import Allocation, allocate, prune_model
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig
@@ -130,20 +130,6 @@ def allocate_stage(
     return {"keep_ratios": alloc.keep_ratios}
 
 
-def _manifest(model_spec, loaded, stats, report, params_before, timings) -> dict:
-    return {
-        "source_model": model_spec,
-        "source_path": loaded.path,
-        "revision": loaded.revision,
-        "calibration": {"fingerprint": stats.fingerprint},
-        "prune": report.to_dict(),
-        "params_before": params_before,
-        "params_after": count_params(loaded.model),
-        "versions": library_versions(),
-        "timings_s": timings,
-    }
-
-
 def _slice(
     model_spec: str,
     stats_path: Path,
@@ -164,10 +150,10 @@ def _slice(
     params_before = count_params(loaded.model)
     start = time.perf_counter()
     report = prune_model(loaded.model, stats, cfg, windows=windows, allocation=alloc)
-    manifest = _manifest(
+    manifest = build_manifest(
         model_spec,
         loaded,
-        stats,
+        stats.fingerprint,
         report,
         params_before,
         {"capture": stats.wall_s, "slice": round(time.perf_counter() - start, 3)},

@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import subprocess
 from pathlib import Path
 
 from prefect import task
 
 from cfsp import __version__
-
-
-def tracking_uri(configured: str | None, output: str) -> str:
-    """MLFLOW_TRACKING_URI wins; then params.yaml; then sqlite in the output directory."""
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if configured:
-        return configured
-    return f"sqlite:///{Path(output).absolute() / 'mlflow.db'}"
 
 
 def _git_commit() -> str:

@@ -134,3 +134,43 @@ def test_unwritable_output(tmp_path, tiny_tokenizer):
         target = str(locked / "out")
     code, _, err = cfsp("prune", "--model", "/nonexistent", "--out", target)
     assert code == 2 and "not writable" in _error_line(err)
+
+
+def test_guarded_output_and_verify(tmp_path, tiny_tokenizer):
+    model_dir = tmp_path / "tiny"
+    tiny_model("llama-gqa").save_pretrained(model_dir)
+    tiny_tokenizer.save_pretrained(model_dir)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog ran after it. " * 60)
+    out = tmp_path / "pruned"
+    base = (
+        "prune",
+        "--model",
+        str(model_dir),
+        "--calib",
+        f"file:{text}",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "16",
+        "--out",
+        str(out),
+    )
+    assert cfsp(*base, "--budget", "0.3")[0] == 0
+    first = (out / "model.safetensors").read_bytes()
+    assert cfsp("verify", str(out))[0] == 0
+    # The same request again is a rerun and gives bit-identical weights.
+    assert cfsp(*base, "--budget", "0.3")[0] == 0
+    assert (out / "model.safetensors").read_bytes() == first
+    # A different request must not silently replace it.
+    code, _, err = cfsp(*base, "--budget", "0.5")
+    assert code == 2 and "already holds a different run" in _error_line(err)
+    assert (out / "model.safetensors").read_bytes() == first
+    assert cfsp(*base, "--budget", "0.5", "--overwrite")[0] == 0
+    # Tampered weights are caught.
+    weights = out / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    code, _, err = cfsp("verify", str(out))
+    assert code == 1 and "does not match its manifest" in _error_line(err)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -167,3 +169,37 @@ def test_dvc_repro_lineage_and_experiments(tiny_project):
     assert exp.returncode == 0, exp.stdout + exp.stderr
     assert "Running stage 'evaluate@tiny-0.3-cfsp'" in exp.stdout
     assert "Running stage 'capture@tiny'" not in exp.stdout  # shared upstream reused
+
+
+def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory, tiny_tokenizer):
+    """SIGKILL in the middle of capture, rerun, and compare with an uninterrupted run."""
+    from cfsp.io import sha256_file
+
+    fresh = tmp_path_factory.mktemp("uninterrupted")
+    for name in ("tiny", "text.txt", "params.yaml"):
+        src = tiny_project / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, fresh / name)
+    cmd = (sys.executable, "-m", "cfsp.cli", "run")
+    env_kill = dict(os.environ, CFSP_FAULT_KILL_AFTER_BLOCK="0")
+    # Own process group, output to a file: the killed run's temporary Prefect server outlives
+    # it and would hold a pipe open; the group is killed once the run itself is dead.
+    with open(tiny_project / "killed.log", "w") as log:
+        killed = subprocess.Popen(
+            cmd, cwd=tiny_project, env=env_kill, stdout=log, stderr=log, start_new_session=True
+        )
+        code = killed.wait(timeout=600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(killed.pid, signal.SIGKILL)
+    assert code == -signal.SIGKILL
+    store = tiny_project / "out/store"
+    assert any((store / "prepare").iterdir())  # the finished stage stays
+    assert not [p for p in (store / "capture").iterdir() if not p.name.startswith(".")]
+    resumed = _cli(tiny_project, *cmd)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    clean = _cli(fresh, *cmd)
+    assert clean.returncode == 0, clean.stderr[-3000:]
+
+    def weights(root: Path) -> list[str]:
+        return [sha256_file(p) for p in sorted((root / "out/store").glob("*/*/model.safetensors"))]
+
+    assert weights(tiny_project) == weights(fresh) and len(weights(fresh)) == 2
