@@ -33,39 +33,6 @@ class CalibConfig(Strict):
     seed: int = 0
 
 
-class PruneConfig(Strict):
-    budget: float = Field(
-        0.3, ge=0.0, lt=1.0, description="fraction of decoder-block weight parameters removed"
-    )
-    method: str = "cfsp"
-    allocation: Allocation | None = None
-    criterion: Criterion | None = None
-    reconstruct: Reconstruct | None = None
-    structures: Literal["ffn+heads", "ffn"] = "ffn+heads"
-    temperature: float = Field(1.0, gt=0)
-    control: float = Field(1.0, gt=0)
-    floor: float = Field(0.05, gt=0, lt=1)
-    exponent: float = Field(0.5, ge=0)
-    round_to: Literal[1, 8, 64, 128] = 1
-    damping: float = Field(0.01, gt=0)
-    stats: Literal["dense", "sequential"] = "dense"
-    seed: int = 0
-
-    @model_validator(mode="after")
-    def _fill_preset(self) -> PruneConfig:
-        if self.method not in PRESETS:
-            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(PRESETS)}")
-        preset = PRESETS[self.method]
-        for key in ("allocation", "criterion", "reconstruct"):
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, preset[key])
-        return self
-
-
-class CaptureConfig(Strict):
-    batch_size: int = Field(8, gt=0)
-
-
 class AllocateConfig(Strict):
     """Everything that decides what is kept (besides budget and method)."""
 
@@ -81,6 +48,32 @@ class AllocateConfig(Strict):
 class ReconstructConfig(Strict):
     damping: float = Field(0.01, gt=0)
     stats: Literal["dense", "sequential"] = "dense"
+
+
+class PruneConfig(AllocateConfig, ReconstructConfig):
+    """Budget and method preset, plus every allocation and reconstruction parameter."""
+
+    budget: float = Field(
+        0.3, ge=0.0, lt=1.0, description="fraction of decoder-block weight parameters removed"
+    )
+    method: str = "cfsp"
+    allocation: Allocation | None = None
+    criterion: Criterion | None = None
+    reconstruct: Reconstruct | None = None
+
+    @model_validator(mode="after")
+    def _fill_preset(self) -> PruneConfig:
+        if self.method not in PRESETS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(PRESETS)}")
+        preset = PRESETS[self.method]
+        for key in ("allocation", "criterion", "reconstruct"):
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, preset[key])
+        return self
+
+
+class CaptureConfig(Strict):
+    batch_size: int = Field(8, gt=0)
 
 
 class EvalConfig(Strict):

@@ -20,7 +20,7 @@ from cfsp.config import Params, prune_config
 from cfsp.io import read_json, write_json
 from flows.keys import digest, model_key, run_name, slug
 from tasks import stages as t
-from tasks.track import track
+from tasks.track import preflight, track
 
 
 def _submit(task_fn, out: Path, **kwargs):
@@ -193,6 +193,7 @@ def _report(branch: dict, params: Params, uri: str) -> dict:
 def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     store = Path(params.output) / "store"
     uri = params.tracking.resolved_uri(params.output)
+    preflight(uri)
     bases = {m: _model_branch(params, m, store) for m in dict.fromkeys(g[0] for g in grid)}
     branches = [_method_branch(params, m, bases[m], b, meth, store) for m, b, meth in grid]
     summaries = [_report(branch, params, uri) for branch in branches]

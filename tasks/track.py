@@ -9,6 +9,7 @@ from pathlib import Path
 from prefect import task
 
 from cfsp import __version__
+from cfsp.errors import CfspError
 
 
 def _git_commit() -> str:
@@ -32,6 +33,20 @@ def _flatten(prefix: str, value, out: dict) -> None:
             _flatten(f"{prefix}.{k}" if prefix else k, v, out)
     else:
         out[prefix] = value
+
+
+def preflight(uri: str) -> None:
+    """Fail before any work if the tracking backend cannot be reached."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except (MlflowException, OSError) as err:
+        raise CfspError(
+            f"MLflow tracking at {uri} is not reachable: {str(err)[:300]}; check "
+            "MLFLOW_TRACKING_URI or tracking.uri in params.yaml"
+        ) from err
 
 
 @task(name="track", retries=2, retry_delay_seconds=3)
@@ -65,8 +80,11 @@ def track(
             max_results=1,
             output_format="list",
         )
-    except MlflowException as err:
-        raise RuntimeError(f"MLflow tracking at {uri} failed: {err}") from err
+    except (MlflowException, OSError) as err:
+        raise CfspError(
+            f"MLflow tracking at {uri} failed: {err}; check MLFLOW_TRACKING_URI "
+            "or tracking.uri in params.yaml"
+        ) from err
     flat: dict = {}
     _flatten("", params, flat)
     tags = {

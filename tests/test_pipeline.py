@@ -193,7 +193,8 @@ def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory,
     assert code == -signal.SIGKILL
     store = tiny_project / "out/store"
     assert any((store / "prepare").iterdir())  # the finished stage stays
-    assert not [p for p in (store / "capture").iterdir() if not p.name.startswith(".")]
+    captured = store / "capture"  # no finished capture exists, half-written or not
+    assert not captured.exists() or not [p for p in captured.iterdir() if p.name[0] != "."]
     resumed = _cli(tiny_project, *cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     clean = _cli(fresh, *cmd)
@@ -203,3 +204,16 @@ def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory,
         return [sha256_file(p) for p in sorted((root / "out/store").glob("*/*/model.safetensors"))]
 
     assert weights(tiny_project) == weights(fresh) and len(weights(fresh)) == 2
+
+
+def test_unreachable_tracking_server_fails_before_work(tiny_project, prefect_server, monkeypatch):
+    from cfsp.errors import CfspError
+    from flows.compress import run_sweep
+
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    with pytest.raises(CfspError, match="not reachable"):
+        run_sweep(load_params("params.yaml"))
+    assert not (tiny_project / "out/store").exists()
