@@ -228,7 +228,18 @@ def run_cmd(
     from flows.compress import run_sweep
 
     start = time.perf_counter()
-    summaries = run_sweep(p)
+    try:
+        summaries = run_sweep(p)
+    except RuntimeError as err:
+        if "API" not in str(err) and "server" not in str(err).lower():
+            raise
+        from cfsp.errors import CfspError
+
+        raise CfspError(
+            f"Prefect is not available: {err}. Unset PREFECT_API_URL to use a temporary local "
+            "server, point it at a running one (`prefect server start`), or raise "
+            "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine"
+        ) from err
     _print_summaries(summaries, time.perf_counter() - start)
 
 

@@ -217,3 +217,20 @@ def test_unreachable_tracking_server_fails_before_work(tiny_project, prefect_ser
     with pytest.raises(CfspError, match="not reachable"):
         run_sweep(load_params("params.yaml"))
     assert not (tiny_project / "out/store").exists()
+
+
+def test_unreachable_prefect_server_is_one_clear_error(tiny_project):
+    env = dict(os.environ, PREFECT_API_URL="http://127.0.0.1:9/api")
+    proc = subprocess.run(
+        [sys.executable, "-m", "cfsp.cli", "run"],
+        cwd=tiny_project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Prefect is not available" in errors[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tiny_project / "out/store").exists()
