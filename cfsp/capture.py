@@ -196,7 +196,7 @@ def _fault_point(index: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _rss_mib() -> float:
+def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -264,6 +264,6 @@ def capture(
             stats.angular,
             stats.tokens,
             time.perf_counter() - t0,
-            _rss_mib(),
+            peak_rss_mib(),
         )
     return Statistics(blocks, dict(windows.fingerprint), round(time.perf_counter() - start, 3))

@@ -22,7 +22,14 @@ from cfsp.allocate import (
     flap_counts,
 )
 from cfsp.arch import DecoderAdapter, adapter_for
-from cfsp.capture import BlockStats, Statistics, block_forward, first_block_inputs, run_block
+from cfsp.capture import (
+    BlockStats,
+    Statistics,
+    block_forward,
+    first_block_inputs,
+    peak_rss_mib,
+    run_block,
+)
 from cfsp.config import PruneConfig
 from cfsp.data import TokenWindows
 from cfsp.errors import UsageError
@@ -271,7 +278,7 @@ def _log_block(
     w = plan.widths()
     log.info(
         "prune block %2d: keep %.3f heads %d/%d kv %d/%d ffn %4d/%d  rel.err o %.4f->%.4f "
-        "down %.4f->%.4f  %.2fs",
+        "down %.4f->%.4f  %.2fs  peak rss %.0f MiB",
         index,
         keep,
         w.num_heads,
@@ -285,4 +292,5 @@ def _log_block(
         row["down_before"],
         row["down_after"],
         seconds,
+        peak_rss_mib(),
     )
