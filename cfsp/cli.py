@@ -54,11 +54,24 @@ def version_cmd() -> None:
 @app.command("eval")
 def eval_cmd(
     model: ModelOpt = "smollm2-135m",
-    data: Annotated[str, typer.Option(help="Comma-separated text specs to score.")] = "botchan",
+    data: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated text specs to score (default botchan unless --tasks)."),
+    ] = None,
     seqlen: Annotated[
         int, typer.Option(help="Context length of each window (always reported).")
     ] = 128,
     limit: Annotated[int | None, typer.Option(help="Score only the first K windows.")] = None,
+    tasks: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated zero-shot tasks through lm-eval, offline on local data: piqa, "
+            "arc_easy, boolq, winogrande, hellaswag."
+        ),
+    ] = None,
+    task_limit: Annotated[
+        int | None, typer.Option(help="Zero-shot: first N items of each task (all when omitted).")
+    ] = None,
     dtype: DtypeOpt = "float32",
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     trust_remote_code: RemoteOpt = False,
@@ -73,7 +86,13 @@ def eval_cmd(
         check_writable_parent(out)
     cfg = validate(
         EvalConfig,
-        {"perplexity": data.split(","), "seqlen": seqlen, "limit": limit},
+        {
+            "perplexity": data.split(",") if data else ([] if tasks else ["botchan"]),
+            "seqlen": seqlen,
+            "limit": limit,
+            "tasks": tasks.split(",") if tasks else [],
+            "task_limit": task_limit,
+        },
         "evaluation options",
     )
     result = evaluate_model(model, cfg, dtype, trust_remote_code)
@@ -82,11 +101,31 @@ def eval_cmd(
             f"{model}  {source}  seqlen={row['seqlen']}  windows={row['windows']}  "
             f"ppl={row['ppl']:.4f}"
         )
+    if result["zeroshot"]:
+        for name, row in result["zeroshot"]["tasks"].items():
+            norm = f"  acc_norm={row['acc_norm']:.4f}" if "acc_norm" in row else ""
+            typer.echo(f"{model}  {name}  items={row['items']}  acc={row['acc']:.4f}{norm}")
+        typer.echo(f"{model}  average acc={result['zeroshot']['average_acc']:.4f}")
     if out is not None:
         from cfsp.io import write_json
 
         write_json(out, result)
         log.info("wrote %s", out)
+
+
+@app.command("export-tasks")
+def export_tasks_cmd(
+    out: Annotated[Path, typer.Option(help="Folder for the task configs and data.")],
+) -> None:
+    """Write lm-eval task configs over the local evaluation data, for the plain lm_eval CLI:
+    `lm_eval --model hf --model_args pretrained=DIR --tasks cfsp_piqa --include_path OUT`."""
+    from cfsp.evaluate.zeroshot import export_tasks
+
+    folder = export_tasks(out)
+    typer.echo(
+        f"{folder}: tasks cfsp_piqa, cfsp_arc_easy, cfsp_boolq, cfsp_winogrande, "
+        "cfsp_hellaswag (tag cfsp_zeroshot)"
+    )
 
 
 @app.command("prune")

@@ -81,6 +81,8 @@ class EvalConfig(Strict):
     seqlen: int = Field(128, gt=0)
     limit: int | None = Field(64, gt=0)
     batch_tokens: int = Field(4096, gt=0)
+    tasks: list[str] = []  # zero-shot through lm-eval: piqa, arc_easy, boolq, winogrande, ...
+    task_limit: int | None = Field(200, gt=0)
 
 
 class TrackingConfig(Strict):

@@ -119,6 +119,7 @@ def test_eval_and_prune_on_a_local_model(tmp_path, tiny_tokenizer):
         "64",
         "--out",
         str(pruned),
+        "--overwrite",  # the too-short text is reported even when replacing is allowed
     )
     assert code == 2 and "too few" in _error_line(err)
     assert (pruned / "model.safetensors").read_bytes() == before

@@ -41,6 +41,17 @@ def evaluate_model(
             rows[source]["windows"],
             cfg.seqlen,
         )
+    zero = None
+    if cfg.tasks:
+        from cfsp.evaluate.zeroshot import zeroshot
+
+        zero = zeroshot(loaded.model, loaded.tokenizer, cfg.tasks, cfg.task_limit)
+        log.info(
+            "zero-shot average acc %.4f over %s (first %s items each)",
+            zero["average_acc"],
+            ", ".join(cfg.tasks),
+            cfg.task_limit,
+        )
     return {
         "model": model_spec,
         "model_path": loaded.path,
@@ -50,6 +61,7 @@ def evaluate_model(
         "seqlen": cfg.seqlen,
         "limit": cfg.limit,
         "perplexity": rows,
+        "zeroshot": zero,
         "cfsp_version": __version__,
         "wall_s": round(time.perf_counter() - start, 3),
     }
