@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,10 +121,20 @@ def check_tokenizer_matches(model, tokenizer, spec: str) -> None:
         )
 
 
+# transformers builds models inside process-global patches (meta device, skipped inits);
+# two threads loading at once (a Prefect or Dask thread pool) can leave them patched for good.
+_LOAD_LOCK = threading.RLock()
+
+
 def load_model(
     spec: str = DEFAULT_MODEL, dtype: str = "float32", trust_remote_code: bool = False
 ) -> LoadedModel:
     """Resolve `spec` and return the model in eval mode on the CPU with its tokenizer."""
+    with _LOAD_LOCK:
+        return _load_model(spec, dtype, trust_remote_code)
+
+
+def _load_model(spec: str, dtype: str, trust_remote_code: bool) -> LoadedModel:
     torch_dtype = parse_dtype(dtype)
     revision = "local"
     path = Path(spec).expanduser()
