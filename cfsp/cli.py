@@ -152,7 +152,12 @@ def prune_cmd(
     reconstruct: Annotated[
         str | None, typer.Option(help="Override the preset's reconstruction: liar, bias, none.")
     ] = None,
-    structures: Annotated[str, typer.Option(help="ffn+heads or ffn.")] = "ffn+heads",
+    structures: Annotated[
+        str,
+        typer.Option(
+            help="ffn (FFN channels only, the default) or ffn+heads (attention heads too)."
+        ),
+    ] = "ffn",
     round_to: Annotated[int, typer.Option(help="Round kept FFN widths to 1, 8, 64 or 128.")] = 1,
     calib: Annotated[str, typer.Option(help="Calibration text spec.")] = "botchan",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,

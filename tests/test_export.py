@@ -25,7 +25,8 @@ def _logits(model, ids):
 @pytest.mark.parametrize("reconstruct", ["none", "liar"])
 def test_uniform_roundtrip_with_stock_loader(tmp_path, tiny_tokenizer, name, reconstruct):
     model, windows = _prune(
-        name, PruneConfig(budget=0.4, method="wanda_sp", reconstruct=reconstruct)
+        name,
+        PruneConfig(budget=0.4, method="wanda_sp", reconstruct=reconstruct, structures="ffn+heads"),
     )
     assert getattr(model.config, "cfsp_layer_widths", None) is None
     save_checkpoint(model, tiny_tokenizer, tmp_path, {"test": True})
@@ -38,7 +39,9 @@ def test_uniform_roundtrip_with_stock_loader(tmp_path, tiny_tokenizer, name, rec
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa"])
 def test_per_block_roundtrip(tmp_path, tiny_tokenizer, name):
-    model, windows = _prune(name, PruneConfig(budget=0.4, method="cfsp", temperature=0.2))
+    model, windows = _prune(
+        name, PruneConfig(budget=0.4, method="cfsp", temperature=0.2, structures="ffn+heads")
+    )
     widths = model.config.cfsp_layer_widths
     assert widths and len({tuple(w.values()) for w in widths}) > 1
     save_checkpoint(model, tiny_tokenizer, tmp_path, {"test": True})

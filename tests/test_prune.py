@@ -44,7 +44,7 @@ def test_physical_pruning_equals_masking(tiny, criterion):
     windows = random_windows()
     masked = tiny_model(_name_of(tiny))
     stats = capture(tiny, windows, progress=False)
-    cfg = PruneConfig(budget=0.4, method="cfsp", criterion=criterion, reconstruct="none")
+    cfg = PruneConfig(budget=0.4, criterion=criterion, reconstruct="none", structures="ffn+heads")
     report = prune_model(tiny, stats, cfg)
     _mask_like(masked, report, head_dim=8)
     torch.testing.assert_close(
@@ -67,7 +67,9 @@ def _name_of(model):
 def test_gqa_groups_stay_consistent():
     model = tiny_model("llama-gqa")  # 6 heads, 2 KV groups of 3
     stats = capture(model, random_windows(), progress=False)
-    report = prune_model(model, stats, PruneConfig(budget=0.5, method="cfsp", reconstruct="none"))
+    report = prune_model(
+        model, stats, PruneConfig(budget=0.5, reconstruct="none", structures="ffn+heads")
+    )
     for plan in report.plans:
         per_group = {}
         for h in plan.heads:
@@ -125,3 +127,12 @@ def test_unknown_method_rejected():
         validate(PruneConfig, {"method": "nope"})
     with pytest.raises(UsageError, match="unknown key"):
         validate(PruneConfig, {"budgett": 0.3})
+
+
+def test_default_structure_prunes_ffn_channels_only():
+    model = tiny_model("llama-gqa")
+    stats = capture(model, random_windows(), progress=False)
+    report = prune_model(model, stats, PruneConfig(budget=0.4))
+    assert report.config["structures"] == "ffn"
+    assert all(p.heads == list(range(6)) and p.kv_heads == [0, 1] for p in report.plans)
+    assert abs(report.achieved_fraction - 0.4) < 0.01

@@ -101,7 +101,9 @@ def test_model_level_error_order_on_calibration_data():
     for method in ("liar", "bias", "none"):
         model = tiny_model("llama-gqa")
         stats = capture(model, windows, progress=False)
-        report = prune_model(model, stats, PruneConfig(budget=0.4, reconstruct=method))
+        report = prune_model(
+            model, stats, PruneConfig(budget=0.4, reconstruct=method, structures="ffn+heads")
+        )
         rows[method] = report.errors
     for i in range(2):
         for mod in ("o", "down"):
@@ -117,7 +119,7 @@ def test_sequential_statistics_follow_the_pruned_prefix():
     for mode in ("dense", "sequential"):
         model = tiny_model("llama-gqa")
         stats = capture(model, windows, progress=False)
-        cfg = PruneConfig(budget=0.4, reconstruct="liar", stats=mode)
+        cfg = PruneConfig(budget=0.4, reconstruct="liar", stats=mode, structures="ffn+heads")
         reports[mode] = prune_model(model, stats, cfg, windows=windows)
         models[mode] = model
     # Same plan either way; block 0 sees identical inputs, later blocks do not.
