@@ -22,7 +22,7 @@ import torch
 from cfsp.api import count_params, library_versions
 from cfsp.capture import capture
 from cfsp.compress import prune_model
-from cfsp.config import PruneConfig, validate
+from cfsp.config import PruneConfig, parse_variant, validate
 from cfsp.data import calibration_windows, evaluation_windows
 from cfsp.evaluate.perplexity import perplexity
 from cfsp.io import write_json
@@ -32,15 +32,9 @@ from cfsp.models import load_model
 log = logging.getLogger("compare")
 
 
-def parse_variant(text: str, budget: float) -> PruneConfig:
-    method, *overrides = text.split("+")
-    values: dict = {"method": method, "budget": budget}
-    for item in overrides:
-        key, _, value = item.partition("=")
-        values[key] = float(value) if key in ("temperature", "exponent", "damping") else value
-    if "round_to" in values:
-        values["round_to"] = int(values["round_to"])
-    return validate(PruneConfig, values, f"variant {text}")
+def variant_config(text: str, budget: float) -> PruneConfig:
+    method, overrides = parse_variant(text)
+    return validate(PruneConfig, {"method": method, "budget": budget, **overrides}, text)
 
 
 @torch.no_grad()
@@ -102,7 +96,7 @@ def main() -> None:
     log.info("dense: %s", rows[0]["ppl"])
     for budget in args.budgets:
         for variant in args.variants:
-            cfg = parse_variant(variant, budget)
+            cfg = variant_config(variant, budget)
             model = copy.deepcopy(dense)
             start = time.perf_counter()
             report = prune_model(model, stats, cfg)

@@ -144,14 +144,17 @@ class Params(Strict):
 
 
 def parse_variant(variant: str) -> tuple[str, dict]:
-    """`PRESET[+key=value...]` -> (preset, overrides), e.g. `flap+reconstruct=liar`."""
-    method, *items = variant.split("+")
+    """`PRESET[+key=value...]` -> (preset, overrides), e.g. `flap+reconstruct=liar` or
+    `cfsp+structures=ffn+heads` (a '+' starts a new override only before `key=`)."""
+    import re
+
+    method, *items = re.split(r"\+(?=[a-z_]+=)", variant)
     overrides = {}
     for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"method variant {variant!r}: expected key=value after '+'")
-        overrides[key] = value
+        key, _, value = item.partition("=")
+        overrides[key] = int(value) if key == "round_to" and value.isdigit() else value
+    if "+" in method or "=" in method:
+        raise ValueError(f"method variant {variant!r}: expected PRESET[+key=value...]")
     return method, overrides
 
 

@@ -136,3 +136,17 @@ def test_default_structure_prunes_ffn_channels_only():
     assert report.config["structures"] == "ffn"
     assert all(p.heads == list(range(6)) and p.kv_heads == [0, 1] for p in report.plans)
     assert abs(report.achieved_fraction - 0.4) < 0.01
+
+
+def test_method_variants_parse_including_plus_in_values():
+    from cfsp.config import Params, parse_variant, prune_config
+
+    assert parse_variant("flap+reconstruct=liar") == ("flap", {"reconstruct": "liar"})
+    assert parse_variant("cfsp+structures=ffn+heads+round_to=64") == (
+        "cfsp",
+        {"structures": "ffn+heads", "round_to": 64},
+    )
+    cfg = prune_config(Params(), "wanda_sp+reconstruct=liar", 0.2)
+    assert (cfg.allocation, cfg.criterion, cfg.reconstruct) == ("uniform", "wanda_sp", "liar")
+    with pytest.raises(ValueError):
+        parse_variant("cfsp+oops")
