@@ -120,17 +120,32 @@ def _method_branch(
 
 
 def _metrics(branch: dict, dense: dict, evaluation: dict, rec: dict, stats: dict) -> dict:
-    seqlen = evaluation["metrics"]["seqlen"]
+    """Flat MLflow metrics: quality and size, each also as a ratio to dense, stage timings."""
+    ours, base = evaluation["metrics"], dense["metrics"]
     out = {
-        "params": evaluation["metrics"]["params"],
-        "params_ratio": evaluation["metrics"]["params"] / dense["metrics"]["params"],
+        "params": ours["params"],
+        "params_ratio": ours["params"] / base["params"],
         "achieved_fraction": rec["achieved_fraction"],
         "capture_s": stats["wall_s"],
     }
-    for source, ppl in evaluation["metrics"]["ppl"].items():
-        name = f"ppl_{slug(source)}_s{seqlen}"
+    for source, ppl in ours["ppl"].items():
+        name = f"ppl_{slug(source)}_s{ours['seqlen']}"
         out[name] = ppl
-        out[f"{name}_ratio"] = ppl / dense["metrics"]["ppl"][source]
+        out[f"{name}_ratio"] = ppl / base["ppl"][source]
+    for task_name, acc in ours.get("acc", {}).items():
+        out[f"acc_{task_name}"] = acc
+        if base.get("acc", {}).get(task_name):
+            out[f"acc_{task_name}_ratio"] = acc / base["acc"][task_name]
+    stage_records = {
+        "prepare": branch["base"]["tokens"],
+        "capture": branch["base"]["stats"],
+        "allocate": branch["alloc"],
+        "prune": branch["pruned"],
+        "reconstruct": branch["rec"],
+        "evaluate": branch["eval"],
+    }
+    for stage, future in stage_records.items():
+        out[f"time_{stage}_s"] = future.result().get("stage_s", 0.0)
     return out
 
 

@@ -9,6 +9,7 @@ record points to has disappeared, so the stage runs again instead of returning a
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import task
@@ -27,38 +28,44 @@ CACHED = dict(
 )
 
 
-def _record(out: str, artifact: str, **extra) -> dict:
-    return {"path": out, "hash": sha256_file(Path(out) / artifact), **extra}
+def _record(out: str, artifact: str, start: float, **extra) -> dict:
+    """What the next task needs: the artifact, its content hash, and how long the stage took."""
+    seconds = round(time.perf_counter() - start, 3)
+    return {"path": out, "hash": sha256_file(Path(out) / artifact), "stage_s": seconds, **extra}
 
 
 @task(name="prepare", **CACHED)
 def prepare(model: str, model_key: str, calib: dict, dtype: str, out: str) -> dict:
+    start = time.perf_counter()
     fingerprint = stages.prepare(model, CalibConfig(**calib), Path(out), dtype)
-    return _record(out, stages.TOKENS, fingerprint=fingerprint)
+    return _record(out, stages.TOKENS, start, fingerprint=fingerprint)
 
 
 @task(name="capture", **CACHED)
 def capture(
     model: str, model_key: str, tokens: dict, batch_size: int, dtype: str, out: str
 ) -> dict:
+    start = time.perf_counter()
     info = stages.capture_stage(model, Path(tokens["path"]), Path(out), batch_size, dtype)
-    return _record(out, stages.STATS, wall_s=info["wall_s"])
+    return _record(out, stages.STATS, start, wall_s=info["wall_s"])
 
 
 @task(name="allocate", **CACHED)
 def allocate(model: str, model_key: str, stats: dict, prune: dict, dtype: str, out: str) -> dict:
+    start = time.perf_counter()
     info = stages.allocate_stage(model, Path(stats["path"]), PruneConfig(**prune), Path(out), dtype)
-    return _record(out, stages.ALLOCATION, keep_ratios=info["keep_ratios"])
+    return _record(out, stages.ALLOCATION, start, keep_ratios=info["keep_ratios"])
 
 
 @task(name="prune", **CACHED)
 def prune(
     model: str, model_key: str, stats: dict, allocation: dict, prune: dict, dtype: str, out: str
 ) -> dict:
+    start = time.perf_counter()
     info = stages.prune_stage(
         model, Path(stats["path"]), Path(allocation["path"]), PruneConfig(**prune), Path(out), dtype
     )
-    return _record(out, "model.safetensors", **info)
+    return _record(out, "model.safetensors", start, **info)
 
 
 @task(name="reconstruct", **CACHED)
@@ -72,6 +79,7 @@ def reconstruct(
     dtype: str,
     out: str,
 ) -> dict:
+    start = time.perf_counter()
     info = stages.reconstruct_stage(
         model,
         Path(pruned["path"]),
@@ -81,15 +89,20 @@ def reconstruct(
         Path(tokens["path"]),
         dtype,
     )
-    return _record(out, "model.safetensors", **info)
+    return _record(out, "model.safetensors", start, **info)
 
 
 @task(name="evaluate", **CACHED)
 def evaluate(model: str, model_hash: str, evaluate: dict, dtype: str, out: str) -> dict:
+    start = time.perf_counter()
     metrics = stages.evaluate_stage(model, EvalConfig(**evaluate), Path(out), dtype)
     summary = {
         "params": metrics["params"],
         "seqlen": metrics["seqlen"],
         "ppl": {s: r["ppl"] for s, r in metrics["perplexity"].items()},
     }
-    return _record(out, stages.METRICS, metrics=summary)
+    if metrics.get("zeroshot"):
+        zero = metrics["zeroshot"]
+        summary["acc"] = {t: r["acc"] for t, r in zero["tasks"].items()}
+        summary["acc"]["average"] = zero["average_acc"]
+    return _record(out, stages.METRICS, start, metrics=summary)

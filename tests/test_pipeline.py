@@ -49,6 +49,8 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     assert run.info.run_name == "tiny__cfsp__p0.4"
     assert run.data.params["budget"] == "0.4" and run.data.params["prune.criterion"] == "cfsp"
     assert "ppl_file-text.txt_s16_ratio" in run.data.metrics
+    for stage in ("prepare", "capture", "allocate", "prune", "reconstruct", "evaluate"):
+        assert run.data.metrics[f"time_{stage}_s"] > 0
     for tag in ("git.commit", "dvc.lock.sha256", "prefect.flow_run_id", "cfsp.version"):
         assert tag in run.data.tags
     assert run.data.tags["prefect.flow_run_id"] != "none"

@@ -150,3 +150,13 @@ def test_method_variants_parse_including_plus_in_values():
     assert (cfg.allocation, cfg.criterion, cfg.reconstruct) == ("uniform", "wanda_sp", "liar")
     with pytest.raises(ValueError):
         parse_variant("cfsp+oops")
+
+
+@pytest.mark.parametrize("allocation", ["cfsp", "uniform", "flap"])
+def test_budget_that_would_empty_blocks_is_refused(allocation):
+    model = tiny_model("llama-gqa")
+    stats = capture(model, random_windows(), progress=False)
+    with pytest.raises(UsageError):
+        prune_model(
+            model, stats, PruneConfig(budget=0.99, allocation=allocation, structures="ffn+heads")
+        )
