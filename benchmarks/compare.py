@@ -99,7 +99,7 @@ def main() -> None:
             cfg = variant_config(variant, budget)
             model = copy.deepcopy(dense)
             start = time.perf_counter()
-            report = prune_model(model, stats, cfg)
+            report = prune_model(model, stats, cfg, windows=calib)
             prune_s = time.perf_counter() - start
             row = {
                 "variant": variant,
