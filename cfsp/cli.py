@@ -409,10 +409,9 @@ def stage_allocate(
 ):
     """Statistics + budget -> per-block keep ratios and kept indices (allocation.json/.png)."""
     from cfsp import stages
-    from cfsp.config import prune_config
 
     p = _params(params)
-    cfg = _prune_cfg(p, method, budget, prune_config)
+    cfg = _prune_cfg(p, method, budget)
     info = stages.allocate_stage(model, stats, cfg, out, p.dtype)
     if plot_data is not None:
         from cfsp.io import atomic_file
@@ -425,9 +424,10 @@ def stage_allocate(
     typer.echo(f"{out}: keep ratios {min(info['keep_ratios']):.3f}..{max(info['keep_ratios']):.3f}")
 
 
-def _prune_cfg(p, method, budget, prune_config):
+def _prune_cfg(p, method, budget):
     from pydantic import ValidationError
 
+    from cfsp.config import prune_config
     from cfsp.errors import UsageError
 
     try:
@@ -448,12 +448,9 @@ def stage_prune(
 ):
     """Dense model + allocation -> physically pruned checkpoint (no compensation)."""
     from cfsp import stages
-    from cfsp.config import prune_config
 
     p = _params(params)
-    info = stages.prune_stage(
-        model, stats, allocation, _prune_cfg(p, method, budget, prune_config), out, p.dtype
-    )
+    info = stages.prune_stage(model, stats, allocation, _prune_cfg(p, method, budget), out, p.dtype)
     typer.echo(f"{out}: {100 * info['achieved_fraction']:.2f}% of block parameters removed")
 
 
@@ -470,10 +467,9 @@ def stage_reconstruct(
 ):
     """Pruned checkpoint + statistics -> reconstructed checkpoint (the method's reconstruction)."""
     from cfsp import stages
-    from cfsp.config import prune_config
 
     p = _params(params)
-    cfg = _prune_cfg(p, method, budget, prune_config)
+    cfg = _prune_cfg(p, method, budget)
     stages.reconstruct_stage(model, pruned, stats, cfg, out, tokens, p.dtype)
     typer.echo(f"{out}: reconstructed with {cfg.reconstruct}")
 
