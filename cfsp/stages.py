@@ -43,6 +43,7 @@ METRICS = "metrics.json"
 
 def _load_tokens(path: Path) -> TokenWindows:
     path = Path(path)
+    path = path / TOKENS if path.is_dir() else path
     if not path.is_file():
         raise UsageError(f"calibration tokens {path} do not exist; run the prepare stage first")
     with safe_open(str(path), "pt") as handle:
@@ -76,7 +77,7 @@ def capture_stage(
 ) -> dict:
     """One pass over the calibration tokens; writes per-block statistics."""
     check_writable_parent(out)
-    windows = _load_tokens(Path(tokens) / TOKENS if Path(tokens).is_dir() else tokens)
+    windows = _load_tokens(tokens)
     loaded = load_model(model_spec, dtype=dtype)
     stats = capture(loaded.model, windows, batch_size=batch_size)
     with atomic_dir(out) as tmp:
@@ -141,11 +142,7 @@ def _slice(
 ) -> dict:
     check_writable_parent(out)
     stats = _load_stats(stats_path)
-    windows = (
-        _load_tokens(Path(tokens) / TOKENS if Path(tokens).is_dir() else tokens)
-        if tokens is not None
-        else None
-    )
+    windows = _load_tokens(tokens) if tokens is not None else None
     loaded = load_model(model_spec, dtype=dtype)
     params_before = count_params(loaded.model)
     start = time.perf_counter()

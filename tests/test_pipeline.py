@@ -236,3 +236,29 @@ def test_unreachable_prefect_server_is_one_clear_error(tiny_project):
     assert len(errors) == 1 and "Prefect is not available" in errors[0]
     assert "Traceback" not in proc.stderr
     assert not (tiny_project / "out/store").exists()
+
+
+def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypatch):
+    from cfsp import stages
+    from cfsp.config import prune_config
+    from cfsp.export import read_manifest
+
+    monkeypatch.chdir(tiny_project)
+    p = load_params("params.yaml")
+    cfg = prune_config(p, "cfsp+stats=sequential", 0.4)
+    out = tiny_project / "stages"
+    stages.prepare("tiny", p.prepare, out / "prepare")
+    stages.capture_stage("tiny", out / "prepare", out / "capture")
+    stages.allocate_stage("tiny", out / "capture", cfg, out / "allocate")
+    stages.prune_stage("tiny", out / "capture", out / "allocate", cfg, out / "pruned")
+    stages.reconstruct_stage(
+        "tiny", out / "pruned", out / "capture", cfg, out / "model", out / "prepare"
+    )
+    pruned, rebuilt = read_manifest(out / "pruned"), read_manifest(out / "model")
+    assert pruned["prune"]["config"]["reconstruct"] == "none"
+    assert rebuilt["prune"]["config"]["stats"] == "sequential"
+    assert rebuilt["prune"]["kept"] == pruned["prune"]["kept"]
+    errors = rebuilt["prune"]["reconstruction_error"]
+    assert all(e["down_after"] <= e["down_before"] + 1e-9 for e in errors)
+    metrics = stages.evaluate_stage(str(out / "model"), p.evaluate, out / "evaluate")
+    assert metrics["params"] < stages.evaluate_stage("tiny", p.evaluate, out / "dense")["params"]
