@@ -30,8 +30,6 @@ import torch
 
 from cfsp.errors import UsageError
 
-ALLOCATIONS = ("cfsp", "uniform", "flap")
-
 
 @dataclass(frozen=True)
 class Geometry:
