@@ -82,6 +82,14 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
+def block_scores(angular: torch.Tensor, temperature: float = 1.0, control: float = 1.0):
+    """Coarse importance s_l = sigmoid(a * z_l), z_l = standardised angular distance / T."""
+    a = angular.double()
+    spread = a.std() if a.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
+    z = (a - a.mean()) / (temperature * spread) if spread > 0 else torch.zeros_like(a)
+    return torch.sigmoid(control * z)
+
+
 def cfsp_keep_ratios(
     angular: torch.Tensor,
     budget: float,
@@ -93,10 +101,7 @@ def cfsp_keep_ratios(
     keep_mean = 1.0 - budget
     if budget == 0.0:
         return torch.ones_like(angular, dtype=torch.float64)
-    a = angular.double()
-    spread = a.std() if a.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
-    z = (a - a.mean()) / (temperature * spread) if spread > 0 else torch.zeros_like(a)
-    s = torch.sigmoid(control * z)
+    s = block_scores(angular, temperature, control)
     if (keep_mean * s / s.mean()).max() >= 1.0:
         mean = s.mean()
         gamma = mean * (1 / keep_mean - 1) / (s.max() - mean) / 1.05

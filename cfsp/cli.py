@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cfsp import __version__
-from cfsp.errors import CfspError
+from cfsp.errors import CfspError, UsageError
 
 log = logging.getLogger("cfsp")
 app = typer.Typer(
@@ -72,11 +72,27 @@ def eval_cmd(
     task_limit: Annotated[
         int | None, typer.Option(help="Zero-shot: first N items of each task (all when omitted).")
     ] = None,
+    speed: Annotated[
+        bool,
+        typer.Option(
+            help="Also measure prefill tokens/s, decode latency, MACs/token and peak memory "
+            "(fp32 and bf16, medians after warm-up)."
+        ),
+    ] = False,
+    reference: Annotated[
+        str | None,
+        typer.Option(
+            help="With --speed: the dense model to measure in the same process; every figure "
+            "is then also reported as a ratio to it."
+        ),
+    ] = None,
+    speed_batch: Annotated[int, typer.Option(help="With --speed: sequences per prefill.")] = 1,
     dtype: DtypeOpt = "float32",
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     trust_remote_code: RemoteOpt = False,
 ) -> None:
-    """Perplexity of a model on one or more text sources at an explicit context length."""
+    """Perplexity of a model on text sources at an explicit context length; optionally zero-shot
+    accuracy (--tasks) and speed/memory against the dense model (--speed --reference)."""
     from cfsp.config import EvalConfig, validate
     from cfsp.evaluate.api import evaluate_model
 
@@ -92,10 +108,13 @@ def eval_cmd(
             "limit": limit,
             "tasks": tasks.split(",") if tasks else [],
             "task_limit": task_limit,
+            "speed": {"enabled": speed, "batch": speed_batch, "seqlen": seqlen},
         },
         "evaluation options",
     )
-    result = evaluate_model(model, cfg, dtype, trust_remote_code)
+    if reference and not speed:
+        raise UsageError("--reference is only used with --speed")
+    result = evaluate_model(model, cfg, dtype, trust_remote_code, reference)
     for source, row in result["perplexity"].items():
         typer.echo(
             f"{model}  {source}  seqlen={row['seqlen']}  windows={row['windows']}  "
@@ -106,11 +125,30 @@ def eval_cmd(
             norm = f"  acc_norm={row['acc_norm']:.4f}" if "acc_norm" in row else ""
             typer.echo(f"{model}  {name}  items={row['items']}  acc={row['acc']:.4f}{norm}")
         typer.echo(f"{model}  average acc={result['zeroshot']['average_acc']:.4f}")
+    if result["speed"]:
+        _echo_speed(model, result["speed"])
     if out is not None:
         from cfsp.io import write_json
 
         write_json(out, result)
         log.info("wrote %s", out)
+
+
+def _echo_speed(model: str, speed: dict) -> None:
+    for dtype, row in speed["dtypes"].items():
+        if "pruned" not in row:
+            m = row["model"]
+            typer.echo(
+                f"{model}  {dtype}  prefill={m['prefill_tok_s']:.0f} tok/s  "
+                f"decode={m['decode_ms_per_token']:.2f} ms/token  "
+                f"peak={m['peak_memory_mib']:.0f} MiB  MACs/token={m['macs_per_token']:,}"
+            )
+            continue
+        typer.echo(
+            f"{model}  {dtype}  prefill x{row['prefill_speedup']:.3f} "
+            f"(ideal x{row['ideal_speedup']:.3f})  decode x{row['decode_speedup']:.3f}  "
+            f"memory x{row['memory_ratio']:.3f}  params x{row['params_ratio']:.3f}"
+        )
 
 
 @app.command("export-tasks")
@@ -231,8 +269,6 @@ def _params(path: Path, overrides: list[str] | None = None):
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            from cfsp.errors import UsageError
-
             raise UsageError(f"--set {item!r}: expected dotted.key=value")
         node = data
         *parents, leaf = key.split(".")
@@ -280,8 +316,8 @@ def run_cmd(
         from cfsp.errors import CfspError
 
         raise CfspError(
-            f"Prefect is not available: {err}. Unset PREFECT_API_URL to use a temporary local "
-            "server, point it at a running one (`prefect server start`), or raise "
+            f"Prefect is not available: {str(err).rstrip('.')}. Unset PREFECT_API_URL to use a "
+            "temporary local server, point it at a running one (`prefect server start`), or raise "
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine"
         ) from err
     _print_summaries(summaries, time.perf_counter() - start)
@@ -343,20 +379,27 @@ def _print_summaries(summaries: list[dict], seconds: float) -> None:
     from rich.table import Table
 
     table = Table(title=f"cfsp results ({seconds:.0f}s)")
-    for col in ("run", "removed", "params", "perplexity: dense -> pruned (x)"):
+    columns = ("run", "removed", "params", "perplexity: dense -> pruned (x)", "prefill fp32/bf16")
+    for col in columns:
         table.add_column(col)
     for s in summaries:
+        m = s["metrics"]
         ppl = ", ".join(
             f"{k} {s['dense_ppl'][k]:.2f} -> {v:.2f} ({v / s['dense_ppl'][k]:.2f}x)"
             for k, v in s["ppl"].items()
         )
-        table.add_row(
-            s["name"],
-            f"{100 * s['metrics']['achieved_fraction']:.1f}%",
-            f"{s['metrics']['params']:,}",
-            ppl,
+        speed = "/".join(
+            f"x{m[f'prefill_speedup_{t}']:.2f}"
+            for t in ("fp32", "bf16")
+            if f"prefill_speedup_{t}" in m
         )
-    Console(width=160).print(table)
+        table.add_row(
+            s["name"], f"{100 * m['achieved_fraction']:.1f}%", f"{m['params']:,}", ppl, speed or "-"
+        )
+    console = Console(width=160)
+    console.print(table)
+    if summaries:
+        console.print(f"report: {summaries[0]['sweep_report']}; dashboard: cfsp dashboard")
 
 
 stage_app = typer.Typer(
@@ -427,13 +470,13 @@ def stage_allocate(
 def _prune_cfg(p, method, budget):
     from pydantic import ValidationError
 
-    from cfsp.config import prune_config
-    from cfsp.errors import UsageError
+    from cfsp.config import PruneConfig, explain, prune_config
 
     try:
         return prune_config(p, method, budget)
     except (ValidationError, ValueError) as err:
-        raise UsageError(f"method {method!r} at budget {budget}: {err}") from None
+        detail = explain(err, PruneConfig) if isinstance(err, ValidationError) else err
+        raise UsageError(f"method {method!r} at budget {budget}: {detail}") from None
 
 
 @stage_app.command("prune")
@@ -474,6 +517,28 @@ def stage_reconstruct(
     typer.echo(f"{out}: reconstructed with {cfg.reconstruct}")
 
 
+@stage_app.command("recover")
+def stage_recover(
+    checkpoint: Annotated[Path, typer.Option(help="Reconstructed checkpoint to heal.")],
+    stats: Annotated[Path, typer.Option(help="Capture output (block angular distances).")],
+    out: OutOpt,
+    params: ParamsOpt = Path("params.yaml"),
+):
+    """Checkpoint -> LoRA-healed checkpoint, adapters merged (params.yaml `recover`; when
+    recover.enabled is false the input is passed through as hard links)."""
+    from cfsp import stages
+
+    p = _params(params)
+    info = stages.recover_stage(
+        checkpoint, stats, p.recover, out, p.dtype, p.allocate.temperature, p.allocate.control
+    )
+    if not info.get("enabled", True):
+        typer.echo(f"{out}: recovery disabled, checkpoint passed through")
+        return
+    losses = info["losses"]
+    typer.echo(f"{out}: {info['mode']} LoRA, loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+
+
 @stage_app.command("evaluate")
 def stage_evaluate(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to score.")],
@@ -482,18 +547,19 @@ def stage_evaluate(
     metrics: Annotated[
         Path | None, typer.Option(help="Also write compact metrics JSON here (for dvc metrics).")
     ] = None,
+    reference: Annotated[
+        str | None,
+        typer.Option(help="Dense model for speed ratios (when evaluate.speed.enabled)."),
+    ] = None,
 ):
-    """Checkpoint -> metrics.json (perplexity at the configured seqlen, parameter count)."""
+    """Checkpoint -> metrics.json (perplexity at the configured seqlen, parameter count,
+    zero-shot accuracy and speed when configured)."""
     from cfsp import stages
     from cfsp.io import write_json
 
     p = _params(params)
-    result = stages.evaluate_stage(model, p.evaluate, out, p.dtype)
-    compact = {
-        "params": result["params"],
-        "seqlen": result["seqlen"],
-        "ppl": {k: round(v["ppl"], 4) for k, v in result["perplexity"].items()},
-    }
+    result = stages.evaluate_stage(model, p.evaluate, out, p.dtype, reference)
+    compact = stages.compact_metrics(result)
     if metrics is not None:
         write_json(metrics, compact)
     typer.echo(f"{out}: {compact}")
@@ -511,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
     except CfspError as err:
         if _state["debug"]:
             raise
-        typer.secho(f"error: {err}", err=True, fg="red")
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        typer.secho(f"error: {message}", err=True, fg="red")  # one line, whatever it wraps
         return err.exit_code
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)

@@ -56,7 +56,11 @@ class PruneConfig(AllocateConfig, ReconstructConfig):
     """Budget and method preset, plus every allocation and reconstruction parameter."""
 
     budget: float = Field(
-        0.3, ge=0.0, lt=1.0, description="fraction of decoder-block weight parameters removed"
+        0.3,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="fraction of decoder-block weight parameters removed",
     )
     method: str = "cfsp"
     allocation: Allocation | None = None
@@ -78,6 +82,19 @@ class CaptureConfig(Strict):
     batch_size: int = Field(8, gt=0)
 
 
+class SpeedConfig(Strict):
+    """Dense vs pruned speed and memory in one process (cfsp.evaluate.speed)."""
+
+    enabled: bool = False
+    batch: int = Field(1, gt=0)
+    seqlen: int = Field(128, gt=0)
+    decode_tokens: int = Field(16, gt=0)
+    warmup: int = Field(1, ge=0)
+    repeats: int = Field(5, gt=0)
+    dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16"]
+    seed: int = 0
+
+
 class EvalConfig(Strict):
     perplexity: list[str] = ["wikitext2", "botchan"]
     seqlen: int = Field(128, gt=0)
@@ -85,6 +102,27 @@ class EvalConfig(Strict):
     batch_tokens: int = Field(4096, gt=0)
     tasks: list[str] = []  # zero-shot through lm-eval: piqa, arc_easy, boolq, winogrande, ...
     task_limit: int | None = Field(200, gt=0)
+    speed: SpeedConfig = SpeedConfig()  # measured against `reference` (the dense model)
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class RecoverConfig(Strict):
+    """Optional LoRA recovery after reconstruction (cfsp.recover); `rank` is the mean rank."""
+
+    enabled: bool = False
+    mode: Literal["ig", "uniform"] = "ig"  # ig: rank per block from coarse importance
+    source: str = "c4"  # training text; keep it disjoint from the evaluation text
+    nsamples: int = Field(256, gt=0)
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
+    lr: float = Field(2e-4, gt=0)
+    steps: int = Field(100, ge=1)
+    seqlen: int = Field(128, ge=2)
+    batch: int = Field(4, ge=1)
+    seed: int = 0
 
 
 class TrackingConfig(Strict):
@@ -121,6 +159,7 @@ class Params(Strict):
     capture: CaptureConfig = CaptureConfig()
     allocate: AllocateConfig = AllocateConfig()
     reconstruct: ReconstructConfig = ReconstructConfig()
+    recover: RecoverConfig = RecoverConfig()
     evaluate: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
@@ -134,11 +173,7 @@ class Params(Strict):
             try:
                 prune_config(self, method, self.budgets[0] if self.budgets else 0.0)
             except (ValidationError, ValueError) as err:
-                detail = (
-                    "; ".join(e["msg"] for e in err.errors())
-                    if isinstance(err, ValidationError)
-                    else str(err)
-                )
+                detail = explain(err, PruneConfig) if isinstance(err, ValidationError) else str(err)
                 raise ValueError(f"methods: {method!r}: {detail}") from None
         return self
 
@@ -178,7 +213,10 @@ def load_params(path) -> Params:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise UsageError(f"{path} is not valid YAML: {err}") from err
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"{path} is not valid YAML{where}: {problem}") from err
     if not isinstance(raw, dict):
         raise UsageError(f"{path} must hold a mapping of sections")
     return validate(Params, raw, str(path))
@@ -189,14 +227,19 @@ def validate(model_cls: type[Strict], values: dict, where: str = "parameters") -
     try:
         return model_cls(**values)
     except ValidationError as err:
-        problems = []
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"]) or "value"
-            msg = e["msg"].removeprefix("Value error, ")
-            if e["type"] == "extra_forbidden":
-                msg = "unknown key" + _suggest(str(e["loc"][-1]), model_cls, e["loc"])
-            problems.append(f"{loc}: {msg}")
-        raise UsageError(f"invalid {where}: " + "; ".join(problems)) from None
+        raise UsageError(f"invalid {where}: {explain(err, model_cls)}") from None
+
+
+def explain(err: ValidationError, model_cls: type[BaseModel]) -> str:
+    """pydantic's report as one line: `key: problem; ...`, naming the allowed keys."""
+    problems = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key" + _suggest(str(e["loc"][-1]), model_cls, e["loc"])
+        problems.append(f"{loc}: {msg}" if loc else msg)  # a whole-model check names its key
+    return "; ".join(problems)
 
 
 def _suggest(key: str, model_cls: type[BaseModel], loc: tuple) -> str:

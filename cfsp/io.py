@@ -8,6 +8,7 @@ is expected, and a failed run leaves an existing artifact untouched.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -45,7 +46,7 @@ def check_writable_parent(path: str | Path) -> Path:
         raise UsageError(
             f"output location {path} is not writable ({parent}: {err.strerror})"
         ) from err
-    if path.exists() and not path.is_dir() and path.suffix == "":
+    if path.suffix == "" and path.is_file():  # one stat: a concurrent writer may be renaming it
         raise UsageError(f"output location {path} exists and is not a directory")
     return path
 
@@ -64,19 +65,45 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise CfspError(f"cannot create output directory next to {dest}: {err}") from err
     try:
         yield tmp
-        old = None
-        if dest.exists():
-            old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-            os.replace(dest, old)
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, dest)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CfspError(f"could not write {dest}: {err}") from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish(tmp: Path, dest: Path, attempts: int = 100) -> None:
+    """Rename the finished `tmp` to `dest`.
+
+    A directory cannot replace a non-empty one in one rename, so an existing `dest` is first
+    renamed aside (to a unique name) and removed afterwards; if the final rename fails, it is
+    put back. When another writer publishes `dest` in between, try again: concurrent writers of
+    one artifact all succeed, the last one wins, and no temporary name is left behind.
+    """
+    for _ in range(attempts):
+        aside = None
+        if dest.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{dest.name}.old-", dir=dest.parent))
+            try:
+                os.replace(dest, aside)  # onto an empty directory: allowed
+            except FileNotFoundError:  # another writer moved it first
+                os.rmdir(aside)
+                continue
+        try:
+            os.replace(tmp, dest)
+            return
+        except OSError as err:
+            if aside is not None and not dest.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(aside, dest)  # put the previous artifact back
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        finally:
+            if aside is not None and aside.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(errno.EBUSY, f"{attempts} concurrent writers kept replacing it", str(dest))
 
 
 @contextlib.contextmanager

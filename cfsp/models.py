@@ -76,6 +76,11 @@ def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as err:
+        if not trust_remote_code and "trust_remote_code" in str(err):
+            raise UsageError(
+                f"{path} ships its own modeling code (auto_map in config.json); cfsp never runs "
+                "it unless you pass --trust-remote-code"
+            ) from err
         raise CfspError(f"cannot read the config in {path}: {err}") from err
     adapter_for(config)  # unsupported architectures fail here, before loading weights
     if getattr(config, "cfsp_layer_widths", None) and not trust_remote_code:

@@ -5,6 +5,7 @@
     allocate     model + stats + config     -> allocation.json + allocation.png
     prune        model + allocation         -> pruned checkpoint (no compensation)
     reconstruct  model + pruned dir + stats -> reconstructed checkpoint
+    recover      checkpoint + stats + text  -> LoRA-healed checkpoint, merged (optional)
     evaluate     checkpoint + eval config   -> metrics.json
 
 The CLI (`cfsp stage ...`), the Prefect tasks and the DVC stages all call these. Every output
@@ -24,14 +25,14 @@ from safetensors.torch import save_file
 from cfsp.api import build_manifest
 from cfsp.capture import Statistics, capture
 from cfsp.compress import Allocation, allocate, prune_model
-from cfsp.config import CalibConfig, EvalConfig, PruneConfig
+from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
 from cfsp.data import TokenWindows, calibration_windows, tensor_hash
 from cfsp.errors import CfspError, UsageError
 from cfsp.evaluate.api import count_params, evaluate_model
 from cfsp.export import read_manifest, save_checkpoint
 from cfsp.io import atomic_dir, check_writable_parent, read_json, write_json
-from cfsp.models import load_model
-from cfsp.plots import allocation_plot
+from cfsp.models import check_safetensors, load_model
+from cfsp.plots import allocation_plot, loss_plot
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,7 @@ def _load_tokens(path: Path) -> TokenWindows:
     path = path / TOKENS if path.is_dir() else path
     if not path.is_file():
         raise UsageError(f"calibration tokens {path} do not exist; run the prepare stage first")
+    check_safetensors(path)  # a truncated file: one clear error, not the reader's traceback
     with safe_open(str(path), "pt") as handle:
         ids = handle.get_tensor("ids")
         fingerprint = json.loads(handle.metadata()["fingerprint"])
@@ -99,6 +101,7 @@ def _load_stats(path: Path) -> Statistics:
     path = path / STATS if path.is_dir() else path
     if not path.is_file():
         raise UsageError(f"statistics {path} do not exist; run the capture stage first")
+    check_safetensors(path)
     return Statistics.load(path)
 
 
@@ -199,11 +202,107 @@ def reconstruct_stage(
     )
 
 
-def evaluate_stage(model_dir: str, cfg: EvalConfig, out: Path, dtype: str = "float32") -> dict:
-    """Perplexity on each source at cfg.seqlen and the parameter count -> out/metrics.json."""
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) every file of `src` into `dst`: a pass-through costs no space."""
+    import os
+    import shutil
+
+    for path in src.iterdir():
+        if path.is_file():
+            try:
+                os.link(path, dst / path.name)
+            except OSError:
+                shutil.copy2(path, dst / path.name)
+
+
+def recover_stage(
+    model_dir: Path,
+    stats_path: Path,
+    cfg: RecoverConfig,
+    out: Path,
+    dtype: str = "float32",
+    temperature: float = 1.0,
+    control: float = 1.0,
+    on_step=None,
+) -> dict:
+    """LoRA on the pruned checkpoint, merged back (cfsp.recover); ranks follow the blocks' coarse
+    importance when cfg.mode == "ig". Disabled: `out` is the input checkpoint, hard-linked."""
+    import torch
+
+    from cfsp.allocate import block_scores
+    from cfsp.recover import recover
+
     check_writable_parent(out)
-    metrics = evaluate_model(str(model_dir), cfg, dtype)
+    model_dir = Path(model_dir)
+    if not cfg.enabled:
+        with atomic_dir(out) as tmp:
+            _link_tree(model_dir, tmp)
+        return {"enabled": False}
+    stats_dir = Path(stats_path)
+    stats_dir = stats_dir if stats_dir.is_dir() else stats_dir.parent
+    angular = torch.tensor(read_json(stats_dir / "capture.json")["angular"])
+    importance = block_scores(angular, temperature, control).tolist()
+    loaded = load_model(str(model_dir), dtype=dtype)
+    windows = calibration_windows(
+        cfg.source, loaded.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, loaded.model
+    )
+    model, record = recover(loaded.model, windows.ids, importance, cfg, on_step=on_step)
+    record.update(config=cfg.model_dump(), importance=importance, text=windows.fingerprint)
+    manifest = dict(read_manifest(model_dir), recover=record)
+    with atomic_dir(out) as tmp:
+        save_checkpoint(model, loaded.tokenizer, tmp, manifest)
+        loss_plot(record["losses"], f"recover {cfg.mode} rank {cfg.rank}", tmp / "recover_loss.png")
+    log.info(
+        "recover %s: %d steps, loss %.4f -> %.4f, %d trainable params, %.1fs",
+        cfg.mode,
+        cfg.steps,
+        record["losses"][0],
+        record["losses"][-1],
+        record["trainable_params"],
+        record["wall_s"],
+    )
+    return {k: record[k] for k in ("mode", "ranks", "trainable_params", "losses", "wall_s")}
+
+
+def evaluate_stage(
+    model_dir: str,
+    cfg: EvalConfig,
+    out: Path,
+    dtype: str = "float32",
+    reference: str | None = None,
+) -> dict:
+    """Perplexity on each source at cfg.seqlen, parameter count, zero-shot accuracy and speed
+    against `reference` when configured -> out/metrics.json."""
+    check_writable_parent(out)
+    metrics = evaluate_model(str(model_dir), cfg, dtype, reference=reference)
     with atomic_dir(out) as tmp:
         write_json(tmp / METRICS, metrics)
-        write_json(tmp / "evaluate.json", {"config": cfg.model_dump()})
+        write_json(tmp / "evaluate.json", {"config": cfg.model_dump(), "reference": reference})
     return metrics
+
+
+def compact_metrics(metrics: dict) -> dict:
+    """The flat summary of a metrics.json that trackers and dashboards show."""
+    out = {
+        "params": metrics["params"],
+        "seqlen": metrics["seqlen"],
+        "ppl": {s: round(r["ppl"], 4) for s, r in metrics["perplexity"].items()},
+    }
+    if metrics.get("zeroshot"):
+        zero = metrics["zeroshot"]
+        out["acc"] = {t: r["acc"] for t, r in zero["tasks"].items()}
+        out["acc"]["average"] = zero["average_acc"]
+    speed = metrics.get("speed") or {}
+    for dtype, row in speed.get("dtypes", {}).items():
+        if "pruned" in row:
+            out.setdefault("speed", {})[dtype] = {
+                "prefill_tok_s": row["pruned"]["prefill_tok_s"],
+                "decode_ms_per_token": row["pruned"]["decode_ms_per_token"],
+                "peak_memory_mib": row["pruned"]["peak_memory_mib"],
+                "macs_per_token": row["pruned"]["macs_per_token"],
+                "prefill_speedup": row["prefill_speedup"],
+                "decode_speedup": row["decode_speedup"],
+                "ideal_speedup": row["ideal_speedup"],
+                "memory_ratio": row["memory_ratio"],
+            }
+    return out

@@ -9,6 +9,7 @@ same inputs always land in the same place and a rerun is served from cache.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cfsp.config import Params, prune_config
 from cfsp.io import read_json, write_json
+from cfsp.report import results_table, run_report, sweep_report
 from flows.keys import digest, model_key, run_name, slug
 from tasks import stages as t
 from tasks.track import preflight, track
@@ -97,14 +99,28 @@ def _method_branch(
         prune=cfg,
         dtype=params.dtype,
     )
-    rec_dir = str(store / "reconstruct" / rec_key)
+    final, final_key, healed = rec, rec_key, None
+    if params.recover.enabled:
+        final_key = digest(rec_key, params.recover.model_dump())
+        healed = final = _submit(
+            t.recover,
+            store / "recover" / final_key,
+            model_key=mk,
+            checkpoint=rec,
+            stats=base["stats"],
+            recover=params.recover.model_dump(),
+            allocate=params.allocate.model_dump(),
+            dtype=params.dtype,
+        )
+    stage = "recover" if healed is not None else "reconstruct"
     ev = _submit(
         t.evaluate,
-        store / "evaluate" / digest(rec_key, params.evaluate.model_dump()),
-        model=rec_dir,
-        model_hash=rec,
+        store / "evaluate" / digest(final_key, params.evaluate.model_dump()),
+        model=str(store / stage / final_key),
+        model_hash=final,
         evaluate=params.evaluate.model_dump(),
         dtype=params.dtype,
+        reference=model,
     )
     return {
         "model": model,
@@ -114,6 +130,7 @@ def _method_branch(
         "alloc": alloc,
         "pruned": pruned,
         "rec": rec,
+        "recover": healed,
         "eval": ev,
         "base": base,
     }
@@ -132,6 +149,10 @@ def _metrics(branch: dict, dense: dict, evaluation: dict, rec: dict, stats: dict
         name = f"ppl_{slug(source)}_s{ours['seqlen']}"
         out[name] = ppl
         out[f"{name}_ratio"] = ppl / base["ppl"][source]
+    for dtype, row in ours.get("speed", {}).items():
+        tag = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
+        for key, value in row.items():
+            out[f"{key}_{tag}"] = value
     for task_name, acc in ours.get("acc", {}).items():
         out[f"acc_{task_name}"] = acc
         if base.get("acc", {}).get(task_name):
@@ -142,20 +163,24 @@ def _metrics(branch: dict, dense: dict, evaluation: dict, rec: dict, stats: dict
         "allocate": branch["alloc"],
         "prune": branch["pruned"],
         "reconstruct": branch["rec"],
+        "recover": branch["recover"],
         "evaluate": branch["eval"],
     }
     for stage, future in stage_records.items():
-        out[f"time_{stage}_s"] = future.result().get("stage_s", 0.0)
+        if future is not None:
+            out[f"time_{stage}_s"] = future.result().get("stage_s", 0.0)
+    if branch["recover"] is not None:
+        healed = branch["recover"].result()
+        out["recover_trainable_params"] = healed["trainable_params"]
+        out["recover_final_loss"] = healed["losses"][-1]
     return out
 
 
-def _report(branch: dict, params: Params, uri: str) -> dict:
-    log = get_run_logger()
+def _summarize(branch: dict) -> dict:
+    """The run's metrics and where its artifacts are; Prefect table of its allocation."""
     alloc, rec = branch["alloc"].result(), branch["rec"].result()
     evaluation, dense = branch["eval"].result(), branch["base"]["dense"].result()
-    stats = branch["base"]["stats"].result()
     name = run_name(branch["model"], branch["method"], branch["budget"])
-    metrics = _metrics(branch, dense, evaluation, rec, stats)
     allocation = read_json(Path(alloc["path"]) / "allocation.json")
     create_table_artifact(
         key=f"allocation-{slug(name).lower().replace('_', '-').replace('.', '-')}"[:60],
@@ -167,13 +192,40 @@ def _report(branch: dict, params: Params, uri: str) -> dict:
         ],
         description=f"Per-block allocation of {name}",
     )
-    artifacts = [str(Path(alloc["path"]) / f) for f in ("allocation.json", "allocation.png")]
-    artifacts += [
-        str(Path(rec["path"]) / "cfsp_manifest.json"),
-        str(Path(evaluation["path"]) / "metrics.json"),
-    ]
-    run_id = track(
-        name,
+    healed = branch["recover"].result() if branch["recover"] is not None else {}
+    return {
+        "recover_losses": healed.get("losses", []),
+        "recover_files": [str(Path(healed["path"]) / "recover_loss.png")] if healed else [],
+        "name": name,
+        "model": branch["model"],
+        "budget": branch["budget"],
+        "method": branch["method"],
+        "checkpoint": (branch["recover"] or branch["rec"]).result()["path"],
+        "metrics": _metrics(branch, dense, evaluation, rec, branch["base"]["stats"].result()),
+        "seqlen": evaluation["metrics"]["seqlen"],
+        "dense_ppl": dense["metrics"]["ppl"],
+        "ppl": evaluation["metrics"]["ppl"],
+        "keep_ratios": allocation["keep_ratios"],
+        "allocation_plot": str(Path(alloc["path"]) / "allocation.png"),
+        "files": [
+            str(Path(alloc["path"]) / "allocation.json"),
+            str(Path(alloc["path"]) / "allocation.png"),
+            str(Path(rec["path"]) / "cfsp_manifest.json"),
+            str(Path(evaluation["path"]) / "metrics.json"),
+        ],
+    }
+
+
+def _track(summary: dict, branch: dict, params: Params, uri: str, sweep_files: list) -> dict:
+    """Per-run report next to the run's summary, then the MLflow run with everything attached."""
+    folder = Path(params.output) / "runs" / summary["name"]
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(summary["allocation_plot"], folder / "allocation.png")
+    report = run_report(summary, folder) + [folder / "allocation.png"]
+    summary["report"] = str(folder / "report.html")
+    summary["sweep_report"] = str(next(f for f in sweep_files if f.name == "report.html"))
+    summary["mlflow_run_id"] = track(
+        summary["name"],
         uri,
         params.tracking.experiment,
         {
@@ -184,24 +236,19 @@ def _report(branch: dict, params: Params, uri: str) -> dict:
             "prepare": params.prepare.model_dump(),
             "evaluate": params.evaluate.model_dump(),
         },
-        metrics,
-        artifacts,
+        summary["metrics"],
+        {
+            "": summary["files"] + summary.get("recover_files", []),
+            "report": [str(f) for f in report],
+            "sweep": [str(f) for f in sweep_files],
+        },
         str(Path(params.output) / "mlartifacts"),
+        {"recover_loss": summary["recover_losses"]} if summary.get("recover_losses") else None,
     )
-    summary = {
-        "name": name,
-        "model": branch["model"],
-        "budget": branch["budget"],
-        "method": branch["method"],
-        "checkpoint": rec["path"],
-        "metrics": metrics,
-        "dense_ppl": dense["metrics"]["ppl"],
-        "ppl": evaluation["metrics"]["ppl"],
-        "mlflow_run_id": run_id,
-        "allocation_plot": artifacts[1],
-    }
-    write_json(Path(params.output) / "runs" / name / "summary.json", summary)
-    log.info("%s: %s", name, {k: round(v, 4) for k, v in metrics.items()})
+    write_json(folder / "summary.json", summary)
+    get_run_logger().info(
+        "%s: %s", summary["name"], {k: round(v, 4) for k, v in summary["metrics"].items()}
+    )
     return summary
 
 
@@ -211,17 +258,14 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     preflight(uri)
     bases = {m: _model_branch(params, m, store) for m in dict.fromkeys(g[0] for g in grid)}
     branches = [_method_branch(params, m, bases[m], b, meth, store) for m, b, meth in grid]
-    summaries = [_report(branch, params, uri) for branch in branches]
-    rows = "\n".join(
-        f"| {s['name']} | {s['metrics']['achieved_fraction']:.4f} | {s['metrics']['params']:,} | "
-        + " | ".join(f"{s['dense_ppl'][k]:.2f} -> {v:.2f}" for k, v in s["ppl"].items())
-        + " |"
-        for s in summaries
-    )
+    summaries = [_summarize(branch) for branch in branches]
+    sweep_files = sweep_report(summaries, Path(params.output) / "report")
+    summaries = [
+        _track(s, b, params, uri, sweep_files) for s, b in zip(summaries, branches, strict=True)
+    ]
     create_markdown_artifact(
         key="evaluation-summary",
-        markdown="| run | removed | params | perplexity (dense -> pruned) |\n|---|---|---|---|\n"
-        + rows,
+        markdown=results_table(summaries),
         description="cfsp evaluation summary",
     )
     return summaries

@@ -16,7 +16,7 @@ from prefect import task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cfsp import stages
-from cfsp.config import CalibConfig, EvalConfig, PruneConfig
+from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
 from cfsp.io import sha256_file
 
 CACHED = dict(
@@ -92,17 +92,38 @@ def reconstruct(
     return _record(out, "model.safetensors", start, **info)
 
 
-@task(name="evaluate", **CACHED)
-def evaluate(model: str, model_hash: str, evaluate: dict, dtype: str, out: str) -> dict:
+@task(name="recover", **CACHED)
+def recover(
+    model_key: str,
+    checkpoint: dict,
+    stats: dict,
+    recover: dict,
+    allocate: dict,
+    dtype: str,
+    out: str,
+) -> dict:
     start = time.perf_counter()
-    metrics = stages.evaluate_stage(model, EvalConfig(**evaluate), Path(out), dtype)
-    summary = {
-        "params": metrics["params"],
-        "seqlen": metrics["seqlen"],
-        "ppl": {s: r["ppl"] for s, r in metrics["perplexity"].items()},
-    }
-    if metrics.get("zeroshot"):
-        zero = metrics["zeroshot"]
-        summary["acc"] = {t: r["acc"] for t, r in zero["tasks"].items()}
-        summary["acc"]["average"] = zero["average_acc"]
-    return _record(out, stages.METRICS, start, metrics=summary)
+    info = stages.recover_stage(
+        Path(checkpoint["path"]),
+        Path(stats["path"]),
+        RecoverConfig(**recover),
+        Path(out),
+        dtype,
+        allocate["temperature"],
+        allocate["control"],
+    )
+    return _record(out, "model.safetensors", start, **info)
+
+
+@task(name="evaluate", **CACHED)
+def evaluate(
+    model: str,
+    model_hash: str,
+    evaluate: dict,
+    dtype: str,
+    out: str,
+    reference: str | None = None,
+) -> dict:
+    start = time.perf_counter()
+    metrics = stages.evaluate_stage(model, EvalConfig(**evaluate), Path(out), dtype, reference)
+    return _record(out, stages.METRICS, start, metrics=stages.compact_metrics(metrics))

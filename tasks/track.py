@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import subprocess
+import time
 from pathlib import Path
 
 from prefect import task
@@ -56,11 +57,16 @@ def track(
     experiment: str,
     params: dict,
     metrics: dict,
-    artifacts: list[str],
+    artifacts: dict[str, list[str]],
     artifact_root: str,
+    history: dict[str, list[float]] | None = None,
 ) -> str:
-    """Create or update the MLflow run `name`; returns its run id."""
+    """Create or update the MLflow run `name`; returns its run id.
+
+    artifacts: {folder in the run ("" for its root): [files]}; history: {metric: value per step}.
+    """
     import mlflow
+    from mlflow.entities import Metric
     from mlflow.exceptions import MlflowException
     from prefect.runtime import flow_run
 
@@ -100,7 +106,14 @@ def track(
             mlflow.log_params({k: str(v)[:500] for k, v in flat.items()})
         mlflow.set_tags(tags)
         mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
-        for path in artifacts:
-            if Path(path).is_file():
-                mlflow.log_artifact(path)
+        client = mlflow.MlflowClient(uri)
+        stamp = int(time.time() * 1000)
+        for key, values in (history or {}).items():
+            points = [Metric(key, float(v), stamp, i) for i, v in enumerate(values, start=1)]
+            for first in range(0, len(points), 1000):  # MLflow's batch limit
+                client.log_batch(run.info.run_id, metrics=points[first : first + 1000])
+        for folder, paths in artifacts.items():
+            for path in paths:
+                if Path(path).is_file():
+                    mlflow.log_artifact(path, artifact_path=folder or None)
         return run.info.run_id

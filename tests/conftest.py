@@ -104,7 +104,12 @@ def tiny_project(tmp_path, tiny_tokenizer):
         methods=["cfsp"],
         output="out",
         prepare={"source": "file:text.txt", "nsamples": 8, "seqlen": 16},
-        evaluate={"perplexity": ["file:text.txt"], "seqlen": 16, "limit": 4},
+        evaluate={
+            "perplexity": ["file:text.txt"],
+            "seqlen": 16,
+            "limit": 4,
+            "speed": {"enabled": True, "seqlen": 16, "decode_tokens": 2, "warmup": 0, "repeats": 1},
+        },
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     return tmp_path

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cfsp.config import load_params, validate
+from cfsp.config import RecoverConfig, load_params, validate
+from cfsp.export import read_manifest, verify_checkpoint
+from cfsp.io import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +51,10 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     assert run.info.run_name == "tiny__cfsp__p0.4"
     assert run.data.params["budget"] == "0.4" and run.data.params["prune.criterion"] == "cfsp"
     assert "ppl_file-text.txt_s16_ratio" in run.data.metrics
+    for tag in ("fp32", "bf16"):  # speed against the dense model, measured in the same process
+        assert run.data.metrics[f"ideal_speedup_{tag}"] > 1
+        assert 0 < run.data.metrics[f"memory_ratio_{tag}"] < 1
+        assert run.data.metrics[f"prefill_speedup_{tag}"] > 0
     for stage in ("prepare", "capture", "allocate", "prune", "reconstruct", "evaluate"):
         assert run.data.metrics[f"time_{stage}_s"] > 0
     for tag in ("git.commit", "dvc.lock.sha256", "prefect.flow_run_id", "cfsp.version"):
@@ -175,7 +181,6 @@ def test_dvc_repro_lineage_and_experiments(tiny_project):
 
 def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory, tiny_tokenizer):
     """SIGKILL in the middle of capture, rerun, and compare with an uninterrupted run."""
-    from cfsp.io import sha256_file
 
     fresh = tmp_path_factory.mktemp("uninterrupted")
     for name in ("tiny", "text.txt", "params.yaml"):
@@ -241,7 +246,6 @@ def test_unreachable_prefect_server_is_one_clear_error(tiny_project):
 def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypatch):
     from cfsp import stages
     from cfsp.config import prune_config
-    from cfsp.export import read_manifest
 
     monkeypatch.chdir(tiny_project)
     p = load_params("params.yaml")
@@ -262,3 +266,44 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
     assert all(e["down_after"] <= e["down_before"] + 1e-9 for e in errors)
     metrics = stages.evaluate_stage(str(out / "model"), p.evaluate, out / "evaluate")
     assert metrics["params"] < stages.evaluate_stage("tiny", p.evaluate, out / "dense")["params"]
+
+    # Recovery: disabled passes the checkpoint through; enabled heals it, same shapes.
+    stages.recover_stage(out / "model", out / "capture", p.recover, out / "same")
+    assert verify_checkpoint(out / "same") == []
+    assert sha256_file(out / "same/model.safetensors") == sha256_file(
+        out / "model/model.safetensors"
+    )
+    heal = RECOVER.model_copy(update={"enabled": True})
+    info = stages.recover_stage(out / "model", out / "capture", heal, out / "healed")
+    assert len(info["losses"]) == heal.steps and info["trainable_params"] > 0
+    healed = read_manifest(out / "healed")
+    assert healed["recover"]["ranks"] == info["ranks"] and verify_checkpoint(out / "healed") == []
+    assert (out / "healed/recover_loss.png").stat().st_size > 1000
+    after = stages.evaluate_stage(str(out / "healed"), p.evaluate, out / "evaluate-healed")
+    assert after["params"] == metrics["params"]
+
+
+RECOVER = RecoverConfig(source="file:text.txt", nsamples=4, seqlen=16, batch=2, steps=3, rank=2)
+
+
+def test_flow_with_recovery_logs_the_loss_curve(tiny_project, prefect_server, monkeypatch):
+    import mlflow
+
+    from flows.compress import run_sweep
+
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    params = load_params("params.yaml")
+    heal = RECOVER.model_copy(update={"enabled": True}).model_dump()
+    [summary] = run_sweep(validate(type(params), {**params.model_dump(), "recover": heal}))
+    assert "/store/recover/" in summary["checkpoint"]
+    assert read_manifest(summary["checkpoint"])["recover"]["mode"] == "ig"
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_project / 'out/mlflow.db'}")
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.data.metrics["time_recover_s"] > 0
+    history = client.get_metric_history(run.info.run_id, "recover_loss")
+    assert [m.step for m in history] == [1, 2, 3]
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recover_loss.png", "report", "sweep"} <= names
+    sweep = {a.path for a in client.list_artifacts(run.info.run_id, "sweep")}
+    assert {"sweep/report.html", "sweep/ppl_vs_budget.png", "sweep/tradeoff.png"} <= sweep

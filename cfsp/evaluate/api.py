@@ -20,9 +20,17 @@ def count_params(model) -> int:
 
 
 def evaluate_model(
-    model_spec: str, cfg: EvalConfig, dtype: str = "float32", trust_remote_code: bool = False
+    model_spec: str,
+    cfg: EvalConfig,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    reference: str | None = None,
 ) -> dict:
-    """Load the model once, score each text source; return a JSON-ready result."""
+    """Load the model once, score each text source; return a JSON-ready result.
+
+    With cfg.speed.enabled, speed and memory are measured too: against `reference` (the dense
+    model, loaded into the same process, every figure also as a ratio) or alone without one.
+    """
     start = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     # Build every window set first: a bad source fails before minutes of scoring.
@@ -52,6 +60,7 @@ def evaluate_model(
             ", ".join(cfg.tasks),
             cfg.task_limit,
         )
+    speed = _speed(loaded.model, cfg, reference, trust_remote_code) if cfg.speed.enabled else None
     return {
         "model": model_spec,
         "model_path": loaded.path,
@@ -62,6 +71,28 @@ def evaluate_model(
         "limit": cfg.limit,
         "perplexity": rows,
         "zeroshot": zero,
+        "speed": speed,
+        "reference": reference,
         "cfsp_version": __version__,
         "wall_s": round(time.perf_counter() - start, 3),
     }
+
+
+def _speed(model, cfg: EvalConfig, reference: str | None, trust_remote_code: bool) -> dict:
+    from cfsp.evaluate.speed import compare, measure
+
+    if reference is None:
+        return {"config": cfg.speed.model_dump(), "dtypes": measure({"model": model}, cfg.speed)}
+    dense = load_model(reference, dtype="float32", trust_remote_code=trust_remote_code).model
+    result = compare(dense, model, cfg.speed)
+    for dtype, row in result["dtypes"].items():
+        log.info(
+            "%s speed vs %s: prefill x%.2f (ideal x%.2f), decode x%.2f, memory x%.2f",
+            dtype,
+            reference,
+            row["prefill_speedup"],
+            row["ideal_speedup"],
+            row["decode_speedup"],
+            row["memory_ratio"],
+        )
+    return result

@@ -1,0 +1,252 @@
+"""The benchmark suite: every method side by side on one model, one calibration set, one run.
+
+The dense model is loaded, calibrated (C4 sample, 128 x 128, seed 0) and captured ONCE; every
+(method, budget) prunes a copy from the same statistics and is scored on the same windows:
+WikiText-2 test (first 320 windows of 128 tokens), Botchan (first 200), zero-shot accuracy
+(piqa, arc_easy, boolq, winogrande, hellaswag, first 200 items each), pruning time as a ratio
+to one dense forward pass over the calibration set, and bf16 prefill speed-up vs dense next to
+the ideal speed-up (dense MACs / pruned MACs), as pruned and with widths rounded to 64.
+
+Each finished row is saved under --rows (one JSON per row, with the settings it was measured
+under), so a stopped suite resumes where it stopped; BENCHMARKS.md, the JSON result and the
+perplexity-vs-budget plot are rewritten after every row.
+
+  python benchmarks/suite.py                      # the full suite (hours on 2 CPU cores)
+  python benchmarks/suite.py --budgets 0.2 --methods default flap+liar --task-limit 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.compare import dense_forward_seconds, variant_config
+from benchmarks.targets import check_targets, render_markdown
+from cfsp.api import count_params, library_versions
+from cfsp.capture import capture
+from cfsp.compress import prune_model
+from cfsp.config import SpeedConfig
+from cfsp.data import calibration_windows, evaluation_windows
+from cfsp.evaluate.perplexity import perplexity
+from cfsp.evaluate.speed import macs_per_token, measure
+from cfsp.io import read_json, write_json
+from cfsp.logs import setup_logging
+from cfsp.models import load_model
+from cfsp.plots import ppl_vs_budget_plot
+
+log = logging.getLogger("suite")
+HERE = Path(__file__).resolve().parent
+
+METHODS = {  # name in the tables -> method variant (PRESET[+key=value...])
+    "default": "cfsp",
+    "flap+liar": "flap+reconstruct=liar",
+    "flap": "flap",
+    "cfsp+bias": "cfsp+reconstruct=bias",
+    "cfsp+none": "cfsp+reconstruct=none",
+    "cfsp+act_norm": "act_norm",
+    "uniform+cfsp": "cfsp+allocation=uniform",
+    "wanda_sp": "wanda_sp",
+    "magnitude": "magnitude",
+    "random": "random",
+}
+TASKS = ["piqa", "arc_easy", "boolq", "winogrande", "hellaswag"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--calib", default="c4")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=128)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--wikitext", default="wikitext2", help="WikiText-2 test spec")
+    ap.add_argument("--wikitext-windows", type=int, default=320)
+    ap.add_argument("--botchan", default="botchan", help="second perplexity source")
+    ap.add_argument("--botchan-windows", type=int, default=200)
+    ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated; '' for none")
+    ap.add_argument("--task-limit", type=int, default=200)
+    ap.add_argument("--round-to", type=int, default=64, choices=[8, 64, 128])
+    ap.add_argument("--speed-batch", type=int, default=8)
+    ap.add_argument("--speed-repeats", type=int, default=5)
+    ap.add_argument("--rows", type=Path, default=HERE / "results" / "suite_rows")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "suite.json")
+    ap.add_argument("--md", type=Path, default=HERE.parent / "BENCHMARKS.md")
+    ap.add_argument("--plot", type=Path, default=HERE / "results" / "suite_ppl.png")
+    return ap.parse_args(argv)
+
+
+def settings_key(args: argparse.Namespace) -> str:
+    """Everything a row's numbers depend on besides its method and budget."""
+    keep = ("model", "calib", "nsamples", "seqlen", "seed", "wikitext", "wikitext_windows")
+    keep += ("botchan", "botchan_windows", "tasks", "task_limit", "round_to", "speed_batch")
+    text = json.dumps({k: getattr(args, k) for k in keep}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Suite:
+    """Shared state of one run: the dense model, its statistics and the evaluation windows."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.key = settings_key(args)
+        loaded = load_model(args.model)
+        self.dense, self.tokenizer = loaded.model, loaded.tokenizer
+        self.calib = calibration_windows(
+            args.calib, self.tokenizer, args.nsamples, args.seqlen, args.seed, self.dense
+        )
+        self.evals = {
+            "wikitext2": evaluation_windows(
+                args.wikitext, self.tokenizer, 128, args.wikitext_windows, self.dense
+            ),
+            "botchan": evaluation_windows(
+                args.botchan, self.tokenizer, 128, args.botchan_windows, self.dense
+            ),
+        }
+        self.tasks = [t for t in args.tasks.split(",") if t]
+        self.speed = SpeedConfig(
+            enabled=True,
+            batch=args.speed_batch,
+            seqlen=128,
+            decode_tokens=4,
+            repeats=args.speed_repeats,
+            dtypes=["bfloat16"],
+        )
+        self.forward_s = dense_forward_seconds(self.dense, self.calib.ids, 8)
+        self.stats = capture(self.dense, self.calib, batch_size=8, progress=False)
+        log.info("dense forward %.1fs, capture %.1fs", self.forward_s, self.stats.wall_s)
+
+    def quality(self, model) -> dict:
+        ppl = {s: perplexity(model, w, progress=False)["ppl"] for s, w in self.evals.items()}
+        zero = None
+        if self.tasks:
+            from cfsp.evaluate.zeroshot import zeroshot
+
+            result = zeroshot(model, self.tokenizer, self.tasks, self.args.task_limit)
+            zero = {t: r["acc"] for t, r in result["tasks"].items()}
+            zero["average"] = result["average_acc"]
+        return {"ppl": ppl, "zeroshot": zero}
+
+    def dense_row(self) -> dict:
+        return {"method": "dense", "budget": 0.0, "params": count_params(self.dense)}
+
+    def pruned(self, variant: str, budget: float, round_to: int = 1):
+        cfg = variant_config(variant, budget).model_copy(update={"round_to": round_to})
+        model = copy.deepcopy(self.dense)
+        start = time.perf_counter()
+        report = prune_model(model, self.stats, cfg, windows=self.calib)
+        return model, report, time.perf_counter() - start
+
+    def row(self, name: str, budget: float) -> dict:
+        model, report, prune_s = self.pruned(METHODS[name], budget)
+        rounded, rounded_report, _ = self.pruned(METHODS[name], budget, self.args.round_to)
+        bf16 = measure({"dense": self.dense, "pruned": model, "rounded": rounded}, self.speed)
+        bf16 = bf16["bfloat16"]
+        dense_macs = macs_per_token(self.dense, 128)
+        row = {
+            "method": name,
+            "variant": METHODS[name],
+            "budget": budget,
+            "achieved": report.achieved_fraction,
+            "params": count_params(model),
+            "prune_s": round(prune_s, 2),
+            "time_ratio": (self.stats.wall_s + prune_s) / self.forward_s,
+            "keep_ratios": [round(k, 4) for k in report.keep_ratios],
+            **self.quality(model),
+            "speed_bf16": {
+                "speedup": bf16["pruned"]["prefill_tok_s"] / bf16["dense"]["prefill_tok_s"],
+                "ideal": dense_macs / macs_per_token(model, 128),
+                "rounded_speedup": bf16["rounded"]["prefill_tok_s"]
+                / bf16["dense"]["prefill_tok_s"],
+                "rounded_ideal": dense_macs / macs_per_token(rounded, 128),
+                "figures": bf16,
+            },
+            "rounded": {
+                "achieved": rounded_report.achieved_fraction,
+                "ppl_wikitext2": perplexity(rounded, self.evals["wikitext2"], progress=False)[
+                    "ppl"
+                ],
+            },
+        }
+        return row
+
+
+def _cached(path: Path, key: str, compute) -> dict:
+    if path.is_file():
+        row = read_json(path)
+        if row.get("settings") == key:
+            return row
+    row = {**compute(), "settings": key}
+    write_json(path, row)
+    return row
+
+
+def write_outputs(args, suite: Suite, rows: list[dict]) -> None:
+    dense = rows[0]
+    payload = {
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "settings_key": suite.key,
+        "dense_forward_s": suite.forward_s,
+        "capture_s": suite.stats.wall_s,
+        "calibration": suite.calib.fingerprint,
+        "evaluation": {s: w.fingerprint for s, w in suite.evals.items()},
+        "threads": torch.get_num_threads(),
+        "versions": library_versions(),
+        "rows": rows,
+        "targets": check_targets(rows),
+    }
+    write_json(args.out, payload)
+    pruned = [r for r in rows if r["method"] != "dense"]
+    if pruned:
+        ppl_vs_budget_plot(pruned, dense["ppl"], args.plot)
+    args.md.write_text(render_markdown(payload, args.plot, args.md.parent))
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
+    setup_logging()
+    suite = Suite(args)
+    args.rows.mkdir(parents=True, exist_ok=True)
+    rows = [
+        _cached(
+            args.rows / "dense.json",
+            suite.key,
+            lambda: {**suite.dense_row(), **suite.quality(suite.dense)},
+        )
+    ]
+    for name in args.methods:
+        for budget in args.budgets:
+            rows.append(
+                _cached(
+                    args.rows / f"{name}-p{budget}.json",
+                    suite.key,
+                    lambda n=name, b=budget: suite.row(n, b),
+                )
+            )
+            r = rows[-1]
+            log.info(
+                "%s p=%.2f: wikitext2 %.2f botchan %.2f zero-shot %s time x%.2f bf16 x%.2f/%.2f",
+                r["method"],
+                r["budget"],
+                r["ppl"]["wikitext2"],
+                r["ppl"]["botchan"],
+                r["zeroshot"] and round(r["zeroshot"]["average"], 4),
+                r["time_ratio"],
+                r["speed_bf16"]["speedup"],
+                r["speed_bf16"]["ideal"],
+            )
+            write_outputs(args, suite, rows)
+    write_outputs(args, suite, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

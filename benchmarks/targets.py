@@ -1,0 +1,185 @@
+"""The benchmark's targets, checked on its rows, and BENCHMARKS.md rendered from its result.
+
+A target is {"target": what is asked, "met": True / False / None (not measured), "numbers"}.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _by(rows: list[dict], method: str, budget: float) -> dict | None:
+    return next((r for r in rows if r["method"] == method and r["budget"] == budget), None)
+
+
+def _acc(row: dict | None) -> float | None:
+    return row["zeroshot"]["average"] if row and row.get("zeroshot") else None
+
+
+def _target(text: str, met, numbers: str) -> dict:
+    return {"target": text, "met": met, "numbers": numbers}
+
+
+def _lowest_everywhere(rows: list[dict], budgets: list[float]) -> list[dict]:
+    ppl_parts, acc_parts, ppl_met, acc_met = [], [], [], []
+    for b in budgets:
+        here = [r for r in rows if r["budget"] == b and r["method"] != "dense"]
+        ours = _by(rows, "default", b)
+        others = [r for r in here if r["method"] != "default"]
+        if ours is None or not others:
+            continue
+        best = min(others, key=lambda r: r["ppl"]["wikitext2"])
+        ppl_met.append(ours["ppl"]["wikitext2"] < best["ppl"]["wikitext2"])
+        ppl_parts.append(
+            f"p={b}: {ours['ppl']['wikitext2']:.2f} vs {best['method']} "
+            f"{best['ppl']['wikitext2']:.2f}"
+        )
+        scored = [r for r in here if _acc(r) is not None]
+        if _acc(ours) is not None and scored:
+            top = max(scored, key=_acc)
+            acc_met.append(_acc(ours) >= _acc(top) - 0.005)
+            acc_parts.append(
+                f"p={b}: {100 * _acc(ours):.1f} vs best {top['method']} {100 * _acc(top):.1f}"
+            )
+    return [
+        _target(
+            "default has the lowest WikiText-2 perplexity at every budget",
+            all(ppl_met) if ppl_met else None,
+            "; ".join(ppl_parts) or "not measured",
+        ),
+        _target(
+            "default zero-shot average is the best or within 0.5 points of the best",
+            all(acc_met) if acc_met else None,
+            "; ".join(acc_parts) or "not measured",
+        ),
+    ]
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """Every target of the benchmark issue, met or not, with the numbers behind it."""
+    dense = next(r for r in rows if r["method"] == "dense")
+    budgets = sorted({r["budget"] for r in rows if r["method"] == "default"})
+    out = _lowest_everywhere(rows, budgets)
+    at2, at5, flap5 = _by(rows, "default", 0.2), _by(rows, "default", 0.5), None
+    flap5 = _by(rows, "flap+liar", 0.5)
+    if at2:
+        ratio = at2["ppl"]["wikitext2"] / dense["ppl"]["wikitext2"]
+        out.append(_target("p=0.2: perplexity within 1.6x dense", ratio <= 1.6, f"x{ratio:.3f}"))
+        if _acc(at2) is not None and _acc(dense) is not None:
+            drop = 100 * (_acc(dense) - _acc(at2))
+            out.append(
+                _target(
+                    "p=0.2: zero-shot average within 1.5 points of dense",
+                    drop <= 1.5,
+                    f"dense {100 * _acc(dense):.1f}, default {100 * _acc(at2):.1f} "
+                    f"({drop:+.1f} points lost)",
+                )
+            )
+    if at5 and flap5:
+        ratio = at5["ppl"]["wikitext2"] / flap5["ppl"]["wikitext2"]
+        out.append(
+            _target(
+                "p=0.5: perplexity at least 30% lower than flap+liar",
+                ratio <= 0.7,
+                f"{at5['ppl']['wikitext2']:.2f} vs {flap5['ppl']['wikitext2']:.2f} "
+                f"({100 * (1 - ratio):.0f}% lower)",
+            )
+        )
+    times = [r["time_ratio"] for r in rows if r["method"] == "default"]
+    if times:
+        out.append(
+            _target(
+                "pruning time at most 2.0x one dense forward",
+                max(times) <= 2.0,
+                f"max x{max(times):.2f}",
+            )
+        )
+    if at5:
+        s = at5["speed_bf16"]
+        share = s["rounded_speedup"] / s["rounded_ideal"]
+        out.append(
+            _target(
+                "p=0.5, widths rounded to 64: bf16 prefill speed-up at least 0.9x ideal",
+                share >= 0.9,
+                f"x{s['rounded_speedup']:.3f} of ideal x{s['rounded_ideal']:.3f} "
+                f"= {share:.2f} (unrounded: x{s['speedup']:.3f} of x{s['ideal']:.3f})",
+            )
+        )
+    return out
+
+
+def _row_line(r: dict) -> str:
+    zs = f"{100 * _acc(r):.1f}" if _acc(r) is not None else "-"
+    if r["method"] == "dense":
+        return (
+            f"| 0 | dense | 0 | {r['params']:,} | {r['ppl']['wikitext2']:.2f} | "
+            f"{r['ppl']['botchan']:.2f} | {zs} | - | - | - |"
+        )
+    s, rd = r["speed_bf16"], r["rounded"]
+    return (
+        f"| {r['budget']} | {r['method']} | {r['achieved']:.4f} | {r['params']:,} | "
+        f"{r['ppl']['wikitext2']:.2f} | {r['ppl']['botchan']:.2f} | {zs} | "
+        f"{r['time_ratio']:.2f} | x{s['speedup']:.2f} (x{s['ideal']:.2f}) | "
+        f"{rd['achieved']:.4f}, {rd['ppl_wikitext2']:.2f}, x{s['rounded_speedup']:.2f} "
+        f"(x{s['rounded_ideal']:.2f}) |"
+    )
+
+
+def render_markdown(payload: dict, plot: Path, md_dir: Path) -> str:
+    """BENCHMARKS.md: settings, targets, the table, per-task accuracies, the plot."""
+    st = payload["settings"]
+    rows = sorted(payload["rows"], key=lambda r: (r["budget"], r["method"] != "default"))
+    marks = {True: "met", False: "NOT met", None: "not measured"}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Model `{st['model']}`; calibration `{st['calib']}` {st['nsamples']} x {st['seqlen']} "
+        f"tokens, seed {st['seed']}; one process, statistics captured once and shared by all rows.",
+        f"WikiText-2 test perplexity at seqlen 128 over the first {st['wikitext_windows']} "
+        f"windows; Botchan over the first {st['botchan_windows']}; zero-shot average of "
+        f"{st['tasks'] or 'no tasks'} over the first {st['task_limit']} items each (lm-eval, "
+        "acc). Time ratio = (capture + pruning + reconstruction) / one dense forward pass over "
+        "the calibration set. Speed: bf16 prefill tokens/s of batch "
+        f"{st['speed_batch']} x 128 relative to dense, median of {st['speed_repeats']} after "
+        "warm-up, same process; ideal = dense MACs / pruned MACs. Rounded: every kept width "
+        f"rounded to a multiple of {st['round_to']}. {payload['threads']} CPU threads; "
+        f"versions {payload['versions']}.",
+        "",
+        "Defaults were chosen on calibration text and WikiText-2 *validation* windows, never on "
+        "these test windows. Reproduce: `python -m benchmarks.suite` (rows are cached in "
+        "benchmarks/results/suite_rows; a stopped run resumes).",
+        "",
+        "## Targets",
+        "",
+        "| target | result | numbers |",
+        "|---|---|---|",
+        *[f"| {t['target']} | {marks[t['met']]} | {t['numbers']} |" for t in payload["targets"]],
+        "",
+        "## All rows",
+        "",
+        "| p | method | removed | params | WikiText-2 | Botchan | zero-shot avg | time ratio | "
+        f"bf16 prefill (ideal) | rounded to {st['round_to']}: removed, WikiText-2, bf16 (ideal) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *[_row_line(r) for r in rows],
+        "",
+        f"![perplexity vs budget]({os.path.relpath(plot, md_dir)})",
+        "",
+    ]
+    tasks = [r for r in rows if r.get("zeroshot")]
+    if tasks:
+        names = [k for k in tasks[0]["zeroshot"] if k != "average"]
+        lines += [
+            "## Zero-shot accuracy per task",
+            "",
+            "| p | method | " + " | ".join(names) + " | average |",
+            "|---|---|" + "---|" * (len(names) + 1),
+        ]
+        for r in tasks:
+            cells = " | ".join(f"{100 * r['zeroshot'][n]:.1f}" for n in names)
+            lines.append(
+                f"| {r['budget']} | {r['method']} | {cells} | "
+                f"{100 * r['zeroshot']['average']:.1f} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
