@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_key(args: argparse.Namespace) -> str:
     """Everything a row's numbers depend on besides its method and budget."""
     keep = ("model", "calib", "nsamples", "seqlen", "seed", "wikitext", "wikitext_windows")
-    keep += ("botchan", "botchan_windows", "tasks", "task_limit", "round_to", "speed_batch")
+    keep += ("botchan", "botchan_windows", "round_to", "speed_batch")
     text = json.dumps({k: getattr(args, k) for k in keep}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -124,19 +124,29 @@ class Suite:
         self.stats = capture(self.dense, self.calib, batch_size=8, progress=False)
         log.info("dense forward %.1fs, capture %.1fs", self.forward_s, self.stats.wall_s)
 
-    def quality(self, model) -> dict:
-        ppl = {s: perplexity(model, w, progress=False)["ppl"] for s, w in self.evals.items()}
-        zero = None
-        if self.tasks:
-            from cfsp.evaluate.zeroshot import zeroshot
+    def ppl(self, model) -> dict:
+        return {s: perplexity(model, w, progress=False)["ppl"] for s, w in self.evals.items()}
 
-            result = zeroshot(model, self.tokenizer, self.tasks, self.args.task_limit)
-            zero = {t: r["acc"] for t, r in result["tasks"].items()}
-            zero["average"] = result["average_acc"]
-        return {"ppl": ppl, "zeroshot": zero}
+    def zeroshot(self, model) -> dict:
+        from cfsp.evaluate.zeroshot import zeroshot
+
+        start = time.perf_counter()
+        result = zeroshot(model, self.tokenizer, self.tasks, self.args.task_limit)
+        zero = {t: r["acc"] for t, r in result["tasks"].items()}
+        zero["average"] = result["average_acc"]
+        log.info("zero-shot %.4f in %.0fs", zero["average"], time.perf_counter() - start)
+        return zero
+
+    def zeroshot_key(self) -> str:
+        return f"{','.join(self.tasks)}:{self.args.task_limit}"
 
     def dense_row(self) -> dict:
-        return {"method": "dense", "budget": 0.0, "params": count_params(self.dense)}
+        return {
+            "method": "dense",
+            "budget": 0.0,
+            "params": count_params(self.dense),
+            "ppl": self.ppl(self.dense),
+        }
 
     def pruned(self, variant: str, budget: float, round_to: int = 1):
         cfg = variant_config(variant, budget).model_copy(update={"round_to": round_to})
@@ -160,7 +170,7 @@ class Suite:
             "prune_s": round(prune_s, 2),
             "time_ratio": (self.stats.wall_s + prune_s) / self.forward_s,
             "keep_ratios": [round(k, 4) for k in report.keep_ratios],
-            **self.quality(model),
+            "ppl": self.ppl(model),
             "speed_bf16": {
                 "speedup": bf16["pruned"]["prefill_tok_s"] / bf16["dense"]["prefill_tok_s"],
                 "ideal": dense_macs / macs_per_token(model, 128),
@@ -184,7 +194,19 @@ def _cached(path: Path, key: str, compute) -> dict:
         row = read_json(path)
         if row.get("settings") == key:
             return row
-    row = {**compute(), "settings": key}
+    row = {**compute(), "settings": key, "zeroshot": None}
+    write_json(path, row)
+    return row
+
+
+def _with_zeroshot(path: Path, row: dict, suite: Suite, model_fn) -> dict:
+    """Add zero-shot accuracy to a cached row unless it has it for the same tasks and limit.
+
+    Kept apart from the rest of the row so a suite can first run without tasks (minutes per
+    row) and gain zero-shot columns in a later, resumable run."""
+    if not suite.tasks or (row.get("zeroshot") or {}).get("key") == suite.zeroshot_key():
+        return row
+    row = {**row, "zeroshot": {**suite.zeroshot(model_fn()), "key": suite.zeroshot_key()}}
     write_json(path, row)
     return row
 
@@ -215,20 +237,16 @@ def main(argv=None) -> list[dict]:
     setup_logging()
     suite = Suite(args)
     args.rows.mkdir(parents=True, exist_ok=True)
-    rows = [
-        _cached(
-            args.rows / "dense.json",
-            suite.key,
-            lambda: {**suite.dense_row(), **suite.quality(suite.dense)},
-        )
-    ]
+    dense_path = args.rows / "dense.json"
+    dense = _cached(dense_path, suite.key, suite.dense_row)
+    rows = [_with_zeroshot(dense_path, dense, suite, lambda: suite.dense)]
     for name in args.methods:
         for budget in args.budgets:
+            path = args.rows / f"{name}-p{budget}.json"
+            row = _cached(path, suite.key, lambda n=name, b=budget: suite.row(n, b))
             rows.append(
-                _cached(
-                    args.rows / f"{name}-p{budget}.json",
-                    suite.key,
-                    lambda n=name, b=budget: suite.row(n, b),
+                _with_zeroshot(
+                    path, row, suite, lambda n=name, b=budget: suite.pruned(METHODS[n], b)[0]
                 )
             )
             r = rows[-1]
@@ -238,7 +256,7 @@ def main(argv=None) -> list[dict]:
                 r["budget"],
                 r["ppl"]["wikitext2"],
                 r["ppl"]["botchan"],
-                r["zeroshot"] and round(r["zeroshot"]["average"], 4),
+                r["zeroshot"] and round(r["zeroshot"]["average"], 4),  # None until measured
                 r["time_ratio"],
                 r["speed_bf16"]["speedup"],
                 r["speed_bf16"]["ideal"],

@@ -168,7 +168,7 @@ def render_markdown(payload: dict, plot: Path, md_dir: Path) -> str:
     ]
     tasks = [r for r in rows if r.get("zeroshot")]
     if tasks:
-        names = [k for k in tasks[0]["zeroshot"] if k != "average"]
+        names = [k for k in tasks[0]["zeroshot"] if k not in ("average", "key")]
         lines += [
             "## Zero-shot accuracy per task",
             "",

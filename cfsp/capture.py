@@ -18,9 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
 import resource
-import signal
 import time
 from dataclasses import dataclass, field
 
@@ -31,6 +29,7 @@ from tqdm.auto import tqdm
 from cfsp.arch import adapter_for
 from cfsp.data import TokenWindows
 from cfsp.errors import CfspError
+from cfsp.faults import kill_point
 from cfsp.io import atomic_file
 
 log = logging.getLogger(__name__)
@@ -188,14 +187,6 @@ def _accumulate(stats: ChannelStats, gram_dtype: torch.dtype):
     return hook
 
 
-def _fault_point(index: int) -> None:
-    """Fault injection for the kill-and-resume tests: CFSP_FAULT_KILL_AFTER_BLOCK=N makes the
-    process SIGKILL itself after capturing block N (nothing is cleaned up, as in a real crash)."""
-    target = os.environ.get("CFSP_FAULT_KILL_AFTER_BLOCK")
-    if target is not None and int(target) == index:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -257,7 +248,7 @@ def capture(
         t0 = time.perf_counter()
         stats = run_block(block, adapter.parts(block), hiddens, kwargs_list, gram_dtype)
         blocks.append(stats)
-        _fault_point(index)
+        kill_point("CFSP_FAULT_KILL_AFTER_BLOCK", index)
         log.info(
             "capture block %2d: angular %.4f  tokens %d  %.2fs  peak rss %.0f MiB",
             index,

@@ -61,7 +61,13 @@ def eval_cmd(
     seqlen: Annotated[
         int, typer.Option(help="Context length of each window (always reported).")
     ] = 128,
-    limit: Annotated[int | None, typer.Option(help="Score only the first K windows.")] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            help="Score only the first K perplexity windows, and the first K items of each "
+            "zero-shot task unless --task-limit says otherwise."
+        ),
+    ] = None,
     tasks: Annotated[
         str | None,
         typer.Option(
@@ -70,7 +76,8 @@ def eval_cmd(
         ),
     ] = None,
     task_limit: Annotated[
-        int | None, typer.Option(help="Zero-shot: first N items of each task (all when omitted).")
+        int | None,
+        typer.Option(help="Zero-shot: first N items of each task (default --limit, else all)."),
     ] = None,
     speed: Annotated[
         bool,
@@ -107,7 +114,7 @@ def eval_cmd(
             "seqlen": seqlen,
             "limit": limit,
             "tasks": tasks.split(",") if tasks else [],
-            "task_limit": task_limit,
+            "task_limit": task_limit if task_limit is not None else limit,
             "speed": {"enabled": speed, "batch": speed_batch, "seqlen": seqlen},
         },
         "evaluation options",

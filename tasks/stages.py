@@ -17,6 +17,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cfsp import stages
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
+from cfsp.faults import kill_point
 from cfsp.io import sha256_file
 
 CACHED = dict(
@@ -31,6 +32,7 @@ CACHED = dict(
 def _record(out: str, artifact: str, start: float, **extra) -> dict:
     """What the next task needs: the artifact, its content hash, and how long the stage took."""
     seconds = round(time.perf_counter() - start, 3)
+    kill_point("CFSP_FAULT_KILL_AFTER_STAGE", Path(out).parent.name)  # tests only
     return {"path": out, "hash": sha256_file(Path(out) / artifact), "stage_s": seconds, **extra}
 
 

@@ -47,3 +47,18 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer)
     again = main(argv)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir()} == stamps
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows]
+
+    # Zero-shot columns are added by a later run without recomputing the rest of a row.
+    from cfsp.data import local_data_dir
+
+    data = local_data_dir()
+    if data is None or not (data / "arc/ARC-Easy-Test.jsonl").is_file():
+        return  # no local zero-shot data on this machine: the part above is the smoke test
+    argv[argv.index("--tasks") + 1] = "arc_easy"
+    argv += ["--task-limit", "3"]
+    scored = main(argv)
+    assert [r["ppl"] for r in scored] == [r["ppl"] for r in rows]
+    assert all(0 <= r["zeroshot"]["arc_easy"] <= 1 for r in scored)
+    assert all(r["zeroshot"]["key"] == "arc_easy:3" for r in scored)
+    page = (tmp_path / "BENCHMARKS.md").read_text()
+    assert "## Zero-shot accuracy per task" in page

@@ -180,7 +180,8 @@ def test_dvc_repro_lineage_and_experiments(tiny_project):
 
 
 def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory, tiny_tokenizer):
-    """SIGKILL in the middle of capture, rerun, and compare with an uninterrupted run."""
+    """SIGKILL in the middle of capture, then after each stage in turn; the final rerun gives
+    the same weights as an uninterrupted run."""
 
     fresh = tmp_path_factory.mktemp("uninterrupted")
     for name in ("tiny", "text.txt", "params.yaml"):
@@ -202,6 +203,18 @@ def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory,
     assert any((store / "prepare").iterdir())  # the finished stage stays
     captured = store / "capture"  # no finished capture exists, half-written or not
     assert not captured.exists() or not [p for p in captured.iterdir() if p.name[0] != "."]
+    # Then SIGKILL at every stage boundary in turn: artifact written, task not yet recorded.
+    for stage in ("capture", "allocate", "prune", "reconstruct", "evaluate"):
+        env_stage = dict(os.environ, CFSP_FAULT_KILL_AFTER_STAGE=stage)
+        with open(tiny_project / "killed.log", "w") as log:
+            run = subprocess.Popen(
+                cmd, cwd=tiny_project, env=env_stage, stdout=log, stderr=log, start_new_session=True
+            )
+            code = run.wait(timeout=600)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(run.pid, signal.SIGKILL)
+        assert code == -signal.SIGKILL, (stage, (tiny_project / "killed.log").read_text()[-2000:])
+        assert any((store / stage).iterdir())
     resumed = _cli(tiny_project, *cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     clean = _cli(fresh, *cmd)
