@@ -151,23 +151,56 @@ def _check_counts(geo: Geometry, counts: list[BlockCounts], budget: float, round
         )
 
 
-def enable_biases(model, adapter: DecoderAdapter) -> None:
-    """Give o_proj and down_proj a bias, the way the stock config can express it."""
-    config = model.config
-    stock_flags = adapter.o_bias_attr is not None and adapter.mlp_bias_attr is not None
+def enable_biases(model, adapter: DecoderAdapter) -> dict[str, bool]:
+    """Give every o_proj and down_proj a zero bias to fold compensation into; return which of
+    them the stock config already builds with a bias (`settle_biases` needs it)."""
+    stock = {"o": adapter.has_bias(model.config, "o"), "mlp": adapter.has_bias(model.config, "mlp")}
     for block in adapter.layers(model):
         p = adapter.parts(block)
-        targets = [p.o, p.down] + ([p.q, p.k, p.v, p.gate, p.up] if stock_flags else [])
-        for layer in targets:
-            if layer.bias is None:
-                layer.bias = torch.nn.Parameter(
-                    torch.zeros(layer.out_features, dtype=layer.weight.dtype)
-                )
-    if stock_flags:
-        setattr(config, adapter.o_bias_attr, True)
-        setattr(config, adapter.mlp_bias_attr, True)
-    else:
-        config.cfsp_extra_bias = ["o_proj", "down_proj"]
+        _zero_bias(p.o)
+        _zero_bias(p.down)
+    return stock
+
+
+def _zero_bias(layer) -> None:
+    if layer.bias is None:
+        layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype))
+
+
+def settle_biases(model, adapter: DecoderAdapter, stock: dict[str, bool]) -> list[str]:
+    """Keep a compensation bias only on the module kinds that received one, and record it.
+
+    A bias that is zero in every block (e.g. o_proj when no head was pruned) is dropped: it
+    would only cost an addmm. Uniform widths on an architecture with stock flags (LLaMA:
+    attention_bias, mlp_bias) set the flag, which also builds q/k/v or gate/up biases, so those
+    get explicit zeros and stock `from_pretrained` loads the result. Otherwise (per-block
+    widths, or no such flags) `config.cfsp_extra_bias` names the kinds, read by `load_pruned`
+    and the shipped modeling file, and no other module carries a bias. Returns the kinds.
+    """
+    config, parts = model.config, [adapter.parts(b) for b in adapter.layers(model)]
+    kinds = {"o": "o_proj", "mlp": "down_proj"}
+    layers = {"o": [p.o for p in parts], "mlp": [p.down for p in parts]}
+    needed = [
+        role
+        for role in kinds
+        if not stock[role] and any(bool(layer.bias.abs().sum() > 0) for layer in layers[role])
+    ]
+    for role in kinds:
+        if not stock[role] and role not in needed:
+            for layer in layers[role]:
+                layer.bias = None
+    if not needed:
+        return []
+    flags = {"o": adapter.o_bias_attr, "mlp": adapter.mlp_bias_attr}
+    if getattr(config, "cfsp_layer_widths", None) or not all(flags[r] for r in needed):
+        config.cfsp_extra_bias = [kinds[r] for r in needed]
+        return config.cfsp_extra_bias
+    for role in needed:
+        setattr(config, flags[role], True)
+        for p in parts:
+            for layer in (p.q, p.k, p.v) if role == "o" else (p.gate, p.up):
+                _zero_bias(layer)
+    return [kinds[r] for r in needed]
 
 
 def _head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
@@ -226,8 +259,7 @@ def prune_model(
     before = geometry(model, adapter)
     allocation = allocation or allocate(model, stats, cfg)
     t_plan = time.perf_counter()
-    if cfg.reconstruct != "none":
-        enable_biases(model, adapter)
+    stock_bias = enable_biases(model, adapter) if cfg.reconstruct != "none" else None
     stream = None
     if cfg.stats == "sequential" and cfg.reconstruct != "none":
         if windows is None:
@@ -254,6 +286,8 @@ def prune_model(
             index, allocation.keep_ratios[index], plan, before, row, time.perf_counter() - tb
         )
     update_config(model.config, [p.widths() for p in allocation.blocks], before.head_dim)
+    if stock_bias is not None:
+        settle_biases(model, adapter, stock_bias)
     params_before = before.block_params() * before.num_blocks
     params_after = sum(
         before.attn_params(len(p.heads), len(p.kv_heads)) + before.ffn_params(len(p.channels))

@@ -51,3 +51,19 @@ def test_per_block_roundtrip(tmp_path, tiny_tokenizer, name):
     torch.testing.assert_close(_logits(remote, windows.ids), ref)
     with pytest.raises(Exception):  # noqa: B017 - stock code cannot build per-block widths
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_only_compensated_modules_keep_a_bias(tmp_path, tiny_tokenizer):
+    """FFN-only LIAR compensates down_proj alone: no zero bias is left on q/k/v/o/gate/up
+    (each would cost an addmm), and the checkpoint says which kind carries one."""
+    model, windows = _prune("llama-gqa", PruneConfig(budget=0.4, structures="ffn"))
+    for layer in model.model.layers:
+        assert layer.mlp.down_proj.bias is not None
+        others = [layer.mlp.gate_proj, layer.mlp.up_proj, layer.self_attn.o_proj]
+        assert all(m.bias is None for m in [*others, layer.self_attn.q_proj])
+    config = model.config
+    assert config.cfsp_extra_bias == ["down_proj"] and not config.attention_bias
+    assert not config.mlp_bias
+    save_checkpoint(model, tiny_tokenizer, tmp_path, {})
+    reloaded = load_pruned(tmp_path)
+    assert torch.allclose(_logits(model, windows.ids), _logits(reloaded, windows.ids), atol=1e-5)

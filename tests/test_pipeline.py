@@ -179,6 +179,26 @@ def test_dvc_repro_lineage_and_experiments(tiny_project):
     assert "Running stage 'capture@tiny'" not in exp.stdout  # shared upstream reused
 
 
+def _run_with_fault(project: Path, cmd: tuple, **fault: str) -> int:
+    """Run `cmd` with a fault-injection variable set; return its exit status.
+
+    Own process group, output to a file: a killed run's temporary Prefect server outlives it
+    and would hold a pipe open; the group is killed once the run itself is dead."""
+    with open(project / "killed.log", "w") as log:
+        run = subprocess.Popen(
+            cmd,
+            cwd=project,
+            env=dict(os.environ, **fault),
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+        code = run.wait(timeout=600)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(run.pid, signal.SIGKILL)
+    return code
+
+
 def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory, tiny_tokenizer):
     """SIGKILL in the middle of capture, then after each stage in turn; the final rerun gives
     the same weights as an uninterrupted run."""
@@ -188,31 +208,14 @@ def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory,
         src = tiny_project / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, fresh / name)
     cmd = (sys.executable, "-m", "cfsp.cli", "run")
-    env_kill = dict(os.environ, CFSP_FAULT_KILL_AFTER_BLOCK="0")
-    # Own process group, output to a file: the killed run's temporary Prefect server outlives
-    # it and would hold a pipe open; the group is killed once the run itself is dead.
-    with open(tiny_project / "killed.log", "w") as log:
-        killed = subprocess.Popen(
-            cmd, cwd=tiny_project, env=env_kill, stdout=log, stderr=log, start_new_session=True
-        )
-        code = killed.wait(timeout=600)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(killed.pid, signal.SIGKILL)
-    assert code == -signal.SIGKILL
+    assert _run_with_fault(tiny_project, cmd, CFSP_FAULT_KILL_AFTER_BLOCK="0") == -signal.SIGKILL
     store = tiny_project / "out/store"
     assert any((store / "prepare").iterdir())  # the finished stage stays
     captured = store / "capture"  # no finished capture exists, half-written or not
     assert not captured.exists() or not [p for p in captured.iterdir() if p.name[0] != "."]
     # Then SIGKILL at every stage boundary in turn: artifact written, task not yet recorded.
     for stage in ("capture", "allocate", "prune", "reconstruct", "evaluate"):
-        env_stage = dict(os.environ, CFSP_FAULT_KILL_AFTER_STAGE=stage)
-        with open(tiny_project / "killed.log", "w") as log:
-            run = subprocess.Popen(
-                cmd, cwd=tiny_project, env=env_stage, stdout=log, stderr=log, start_new_session=True
-            )
-            code = run.wait(timeout=600)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(run.pid, signal.SIGKILL)
+        code = _run_with_fault(tiny_project, cmd, CFSP_FAULT_KILL_AFTER_STAGE=stage)
         assert code == -signal.SIGKILL, (stage, (tiny_project / "killed.log").read_text()[-2000:])
         assert any((store / stage).iterdir())
     resumed = _cli(tiny_project, *cmd)
