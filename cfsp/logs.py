@@ -7,6 +7,22 @@ import os
 import warnings
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever `sys.stderr` is when a record is emitted, not when it was created:
+    in-process callers (tests, notebooks, CliRunner) swap and close stderr streams, and a
+    handler holding a closed one breaks every later log call of the process."""
+
+    @property
+    def stream(self):
+        import sys
+
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(verbose: bool = False) -> None:
     import sys
 
@@ -17,7 +33,7 @@ def setup_logging(verbose: bool = False) -> None:
         handler: logging.Handler = RichHandler(show_path=False, markup=False)
         fmt = "%(message)s"
     else:  # logs and CI: one plain line per event, never wrapped
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         fmt = "%(asctime)s %(levelname)s %(message)s"
     logging.basicConfig(level=level, format=fmt, datefmt="%H:%M:%S", handlers=[handler], force=True)
     # Libraries we call are chatty at INFO; keep our own lines readable.

@@ -175,3 +175,21 @@ def test_guarded_output_and_verify(tmp_path, tiny_tokenizer):
     weights.write_bytes(bytes(data))
     code, _, err = cfsp("verify", str(out))
     assert code == 1 and "does not match its manifest" in _error_line(err)
+
+
+def test_logging_follows_stderr_after_it_is_swapped(monkeypatch, capsys):
+    """An in-process caller that swaps and closes stderr must not break later log calls
+    (this broke Prefect's flow logging after in-process CLI tests)."""
+    import io
+    import logging
+
+    from cfsp.logs import setup_logging
+
+    temporary = io.StringIO()
+    monkeypatch.setattr("sys.stderr", temporary)
+    setup_logging()
+    temporary.close()
+    monkeypatch.undo()
+    logging.getLogger("cfsp.test").info("still logging")
+    err = capsys.readouterr().err
+    assert "INFO still logging" in err and "Logging error" not in err
