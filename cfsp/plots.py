@@ -65,8 +65,10 @@ def ppl_vs_budget_plot(rows: list[dict], dense: dict[str, float], out: Path) -> 
             ax.plot(*zip(*[(0.0, dense[source]), *points], strict=True), marker="o", label=method)
         ax.axhline(dense[source], color="grey", ls="--", lw=1, label="dense")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ticker = plt.matplotlib.ticker
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_xlabel("budget p (fraction of block parameters removed)")
         ax.set_ylabel("perplexity (log scale)")
         ax.set_title(source, fontsize=10)
