@@ -120,6 +120,7 @@ class Suite:
             repeats=args.speed_repeats,
             dtypes=["bfloat16"],
         )
+        self.dense_macs = macs_per_token(self.dense, 128)
         self.forward_s = dense_forward_seconds(self.dense, self.calib.ids, 8)
         self.stats = capture(self.dense, self.calib, batch_size=8, progress=False)
         log.info("dense forward %.1fs, capture %.1fs", self.forward_s, self.stats.wall_s)
@@ -160,7 +161,6 @@ class Suite:
         rounded, rounded_report, _ = self.pruned(METHODS[name], budget, self.args.round_to)
         bf16 = measure({"dense": self.dense, "pruned": model, "rounded": rounded}, self.speed)
         bf16 = bf16["bfloat16"]
-        dense_macs = macs_per_token(self.dense, 128)
         row = {
             "method": name,
             "variant": METHODS[name],
@@ -173,10 +173,10 @@ class Suite:
             "ppl": self.ppl(model),
             "speed_bf16": {
                 "speedup": bf16["pruned"]["prefill_tok_s"] / bf16["dense"]["prefill_tok_s"],
-                "ideal": dense_macs / macs_per_token(model, 128),
+                "ideal": self.dense_macs / macs_per_token(model, 128),
                 "rounded_speedup": bf16["rounded"]["prefill_tok_s"]
                 / bf16["dense"]["prefill_tok_s"],
-                "rounded_ideal": dense_macs / macs_per_token(rounded, 128),
+                "rounded_ideal": self.dense_macs / macs_per_token(rounded, 128),
                 "figures": bf16,
             },
             "rounded": {

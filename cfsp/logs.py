@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 
 
@@ -14,8 +15,6 @@ class _StderrHandler(logging.StreamHandler):
 
     @property
     def stream(self):
-        import sys
-
         return sys.stderr
 
     @stream.setter
@@ -24,8 +23,6 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def setup_logging(verbose: bool = False) -> None:
-    import sys
-
     from rich.logging import RichHandler
 
     level = logging.DEBUG if verbose else logging.INFO
