@@ -126,11 +126,18 @@ def _row_line(r: dict) -> str:
     )
 
 
+def targets_markdown(targets: list[dict]) -> str:
+    """The targets as a markdown table: what is asked, met / NOT met / not measured, numbers."""
+    marks = {True: "met", False: "NOT met", None: "not measured"}
+    lines = ["| target | result | numbers |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {marks[t['met']]} | {t['numbers']} |" for t in targets]
+    return "\n".join(lines)
+
+
 def render_markdown(payload: dict, plot: Path, md_dir: Path) -> str:
     """BENCHMARKS.md: settings, targets, the table, per-task accuracies, the plot."""
     st = payload["settings"]
     rows = sorted(payload["rows"], key=lambda r: (r["budget"], r["method"] != "default"))
-    marks = {True: "met", False: "NOT met", None: "not measured"}
     lines = [
         "# Benchmarks",
         "",
@@ -152,9 +159,7 @@ def render_markdown(payload: dict, plot: Path, md_dir: Path) -> str:
         "",
         "## Targets",
         "",
-        "| target | result | numbers |",
-        "|---|---|---|",
-        *[f"| {t['target']} | {marks[t['met']]} | {t['numbers']} |" for t in payload["targets"]],
+        targets_markdown(payload["targets"]),
         "",
         "## All rows",
         "",
