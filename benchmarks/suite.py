@@ -11,8 +11,8 @@ Each finished row is saved under --rows (one JSON per row, with the settings it 
 under), so a stopped suite resumes where it stopped; BENCHMARKS.md, the JSON result and the
 perplexity-vs-budget plot are rewritten after every row.
 
-  python benchmarks/suite.py                      # the full suite (hours on 2 CPU cores)
-  python benchmarks/suite.py --budgets 0.2 --methods default flap+liar --task-limit 20
+  python -m benchmarks.suite                      # the full suite (hours on 2 CPU cores)
+  python -m benchmarks.suite --budgets 0.2 --methods default flap+liar --task-limit 20
 """
 
 from __future__ import annotations

@@ -113,3 +113,22 @@ def tiny_project(tmp_path, tiny_tokenizer):
     )
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params.model_dump(), sort_keys=False))
     return tmp_path
+
+
+def tiny_suite_argv(tmp_path, tokenizer, budgets: list[str], methods: list[str]) -> list[str]:
+    """Options of a benchmark-suite run on a saved tiny model, every output under tmp_path."""
+    model = tiny_model("llama-gqa")
+    model.save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    src = f"file:{text}"
+    return [
+        *("--model", str(tmp_path / "tiny"), "--calib", src, "--nsamples", "8"),
+        *("--seqlen", "16", "--wikitext", src, "--wikitext-windows", "4"),
+        *("--botchan", src, "--botchan-windows", "3", "--tasks", ""),
+        *("--round-to", "8", "--speed-batch", "2", "--speed-repeats", "1"),
+        *("--rows", str(tmp_path / "rows"), "--out", str(tmp_path / "suite.json")),
+        *("--md", str(tmp_path / "BENCHMARKS.md"), "--plot", str(tmp_path / "ppl.png")),
+        *("--budgets", *budgets, "--methods", *methods),
+    ]

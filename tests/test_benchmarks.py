@@ -2,25 +2,12 @@
 
 from benchmarks.suite import main
 from cfsp.io import read_json
-from tests.conftest import TEXT, tiny_model
+from tests.conftest import tiny_suite_argv
 
 
 def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer):
-    model = tiny_model("llama-gqa")
-    model.save_pretrained(tmp_path / "tiny")
-    tiny_tokenizer.save_pretrained(tmp_path / "tiny")
-    text = tmp_path / "text.txt"
-    text.write_text(TEXT)
-    src = f"file:{text}"
-    argv = [
-        *("--model", str(tmp_path / "tiny"), "--calib", src, "--nsamples", "8"),
-        *("--seqlen", "16", "--wikitext", src, "--wikitext-windows", "4"),
-        *("--botchan", src, "--botchan-windows", "3", "--tasks", ""),
-        *("--budgets", "0.2", "0.5", "--methods", "default", "flap+liar", "wanda_sp"),
-        *("--round-to", "8", "--speed-batch", "2", "--speed-repeats", "1"),
-        *("--rows", str(tmp_path / "rows"), "--out", str(tmp_path / "suite.json")),
-        *("--md", str(tmp_path / "BENCHMARKS.md"), "--plot", str(tmp_path / "ppl.png")),
-    ]
+    methods = ["default", "flap+liar", "wanda_sp"]
+    argv = tiny_suite_argv(tmp_path, tiny_tokenizer, ["0.2", "0.5"], methods)
     rows = main(argv)
     assert [r["method"] for r in rows] == ["dense"] + ["default"] * 2 + ["flap+liar"] * 2 + [
         "wanda_sp"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -82,6 +83,34 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     shutil.rmtree(checkpoint)
     [fourth] = run_sweep(params)
     assert (Path(fourth["checkpoint"]) / "model.safetensors").is_file()
+
+
+def test_benchmark_flow_publishes_targets_and_rows(tmp_path, tiny_tokenizer, prefect_server):
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.benchmark import benchmark
+    from tests.conftest import tiny_suite_argv
+
+    argv = tiny_suite_argv(tmp_path, tiny_tokenizer, ["0.5"], ["default", "flap+liar"])
+    state = benchmark(argv, return_state=True)
+    targets = state.result()
+    assert state.is_completed()
+    by_name = {t["target"]: t for t in targets}
+    assert "vs" in by_name["p=0.5: perplexity at least 30% lower than flap+liar"]["numbers"]
+    assert (tmp_path / "BENCHMARKS.md").is_file() and (tmp_path / "suite.json").is_file()
+
+    # Read back over the REST API. Prefect's own client sends null filters, which the server
+    # under fastapi 0.154 rejects (422); omitted filters are accepted.
+    api = PREFECT_API_URL.value()
+    query = {"artifacts": {"flow_run_id": {"any_": [str(state.state_details.flow_run_id)]}}}
+    reply = httpx.post(f"{api}/artifacts/filter", json={**query, "limit": 10, "offset": 0})
+    reply.raise_for_status()
+    found = {a["key"]: a for a in reply.json()}
+    assert "flap+liar" in found["benchmark-targets"]["data"]
+    rows = found["benchmark-rows"]["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert [r["method"] for r in rows] == ["dense", "default", "flap+liar"]
 
 
 def test_dask_task_runner_sweep(tiny_project, prefect_server, monkeypatch):
