@@ -61,7 +61,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
     dense = next(r for r in rows if r["method"] == "dense")
     budgets = sorted({r["budget"] for r in rows if r["method"] == "default"})
     out = _lowest_everywhere(rows, budgets)
-    at2, at5, flap5 = _by(rows, "default", 0.2), _by(rows, "default", 0.5), None
+    at2, at5 = _by(rows, "default", 0.2), _by(rows, "default", 0.5)
     flap5 = _by(rows, "flap+liar", 0.5)
     if at2:
         ratio = at2["ppl"]["wikitext2"] / dense["ppl"]["wikitext2"]
