@@ -81,6 +81,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=HERE / "results" / "suite.json")
     ap.add_argument("--md", type=Path, default=HERE.parent / "BENCHMARKS.md")
     ap.add_argument("--plot", type=Path, default=HERE / "results" / "suite_ppl.png")
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="re-check the targets and rewrite BENCHMARKS.md and the plot from --out; no model",
+    )
     return ap.parse_args(argv)
 
 
@@ -212,7 +217,6 @@ def _with_zeroshot(path: Path, row: dict, suite: Suite, model_fn) -> dict:
 
 
 def write_outputs(args, suite: Suite, rows: list[dict]) -> None:
-    dense = rows[0]
     payload = {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "settings_key": suite.key,
@@ -226,15 +230,34 @@ def write_outputs(args, suite: Suite, rows: list[dict]) -> None:
         "targets": check_targets(rows),
     }
     write_json(args.out, payload)
+    _write_views(args, payload)
+
+
+def _write_views(args: argparse.Namespace, payload: dict) -> None:
+    """The perplexity-vs-budget plot and BENCHMARKS.md of a result."""
+    rows = payload["rows"]
+    dense = next(r for r in rows if r["method"] == "dense")
     pruned = [r for r in rows if r["method"] != "dense"]
     if pruned:
         ppl_vs_budget_plot(pruned, dense["ppl"], args.plot)
     args.md.write_text(render_markdown(payload, args.plot, args.md.parent))
 
 
+def render_only(args: argparse.Namespace) -> list[dict]:
+    """Rewrite the targets, BENCHMARKS.md and the plot from a finished JSON result."""
+    payload = read_json(args.out)
+    rows = payload["rows"]
+    payload["targets"] = check_targets(rows)
+    write_json(args.out, payload)
+    _write_views(args, payload)
+    return rows
+
+
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     setup_logging()
+    if args.render_only:
+        return render_only(args)
     suite = Suite(args)
     args.rows.mkdir(parents=True, exist_ok=True)
     dense_path = args.rows / "dense.json"

@@ -8,6 +8,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+BOOLQ_NOTE = (
+    "BoolQ at this scale mostly measures a yes/no bias: about 62% of its validation answers are "
+    "'yes', a model that always says 'yes' scores about that, and a pruned model that drifts "
+    "towards 'yes' gains points without understanding more. The targets use "
+    "the five-task average as specified; the average without BoolQ is shown for reading them."
+)
+
 
 def _by(rows: list[dict], method: str, budget: float) -> dict | None:
     return next((r for r in rows if r["method"] == method and r["budget"] == budget), None)
@@ -35,12 +42,12 @@ def _lowest_everywhere(rows: list[dict], budgets: list[float]) -> list[dict]:
             f"p={b}: {ours['ppl']['wikitext2']:.2f} vs {best['method']} "
             f"{best['ppl']['wikitext2']:.2f}"
         )
-        scored = [r for r in here if _acc(r) is not None]
+        scored = [r for r in others if _acc(r) is not None]
         if _acc(ours) is not None and scored:
-            top = max(scored, key=_acc)
+            top = max(scored, key=_acc)  # the best other method: met if ours is at most 0.5 below
             acc_met.append(_acc(ours) >= _acc(top) - 0.005)
             acc_parts.append(
-                f"p={b}: {100 * _acc(ours):.1f} vs best {top['method']} {100 * _acc(top):.1f}"
+                f"p={b}: {100 * _acc(ours):.1f} vs best other {top['method']} {100 * _acc(top):.1f}"
             )
     return [
         _target(
@@ -174,17 +181,22 @@ def render_markdown(payload: dict, plot: Path, md_dir: Path) -> str:
     tasks = [r for r in rows if r.get("zeroshot")]
     if tasks:
         names = [k for k in tasks[0]["zeroshot"] if k not in ("average", "key")]
+        rest = [n for n in names if n != "boolq"]
+        extra = " average without boolq |" if "boolq" in names and rest else ""
         lines += [
             "## Zero-shot accuracy per task",
             "",
-            "| p | method | " + " | ".join(names) + " | average |",
-            "|---|---|" + "---|" * (len(names) + 1),
+            "| p | method | " + " | ".join(names) + " | average |" + extra,
+            "|---|---|" + "---|" * (len(names) + 1 + bool(extra)),
         ]
         for r in tasks:
-            cells = " | ".join(f"{100 * r['zeroshot'][n]:.1f}" for n in names)
-            lines.append(
-                f"| {r['budget']} | {r['method']} | {cells} | "
-                f"{100 * r['zeroshot']['average']:.1f} |"
-            )
+            z = r["zeroshot"]
+            cells = " | ".join(f"{100 * z[n]:.1f}" for n in names)
+            line = f"| {r['budget']} | {r['method']} | {cells} | {100 * z['average']:.1f} |"
+            if extra:
+                line += f" {100 * sum(z[n] for n in rest) / len(rest):.1f} |"
+            lines.append(line)
+        if extra:
+            lines += ["", BOOLQ_NOTE]
         lines.append("")
     return "\n".join(lines)

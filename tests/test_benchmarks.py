@@ -1,6 +1,7 @@
 """A smoke run of the benchmark suite on a tiny model: every output, the targets, the resume."""
 
 from benchmarks.suite import main
+from benchmarks.targets import check_targets
 from cfsp.io import read_json
 from tests.conftest import tiny_suite_argv
 
@@ -29,6 +30,11 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer)
     assert "## Targets" in page and "| 0.5 | default |" in page and "ppl.png" in page
     assert (tmp_path / "ppl.png").stat().st_size > 1000
 
+    # --render-only rewrites the page from the JSON result, without a model.
+    (tmp_path / "BENCHMARKS.md").unlink()
+    assert [r["ppl"] for r in main([*argv, "--render-only"])] == [r["ppl"] for r in rows]
+    assert (tmp_path / "BENCHMARKS.md").read_text() == page
+
     # A second run reuses every finished row.
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir()}
     again = main(argv)
@@ -41,11 +47,35 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer)
     data = local_data_dir()
     if data is None or not (data / "arc/ARC-Easy-Test.jsonl").is_file():
         return  # no local zero-shot data on this machine: the part above is the smoke test
-    argv[argv.index("--tasks") + 1] = "arc_easy"
+    argv[argv.index("--tasks") + 1] = "arc_easy,boolq"
     argv += ["--task-limit", "3"]
     scored = main(argv)
     assert [r["ppl"] for r in scored] == [r["ppl"] for r in rows]
     assert all(0 <= r["zeroshot"]["arc_easy"] <= 1 for r in scored)
-    assert all(r["zeroshot"]["key"] == "arc_easy:3" for r in scored)
+    assert all(r["zeroshot"]["key"] == "arc_easy,boolq:3" for r in scored)
     page = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "## Zero-shot accuracy per task" in page
+    assert "## Zero-shot accuracy per task" in page and "| average without boolq |" in page
+
+
+def _row(method: str, budget: float, boolq: float, other: float) -> dict:
+    zero = {"piqa": other, "boolq": boolq, "hellaswag": other}
+    zero["average"] = (boolq + 2 * other) / 3
+    return {"method": method, "budget": budget, "ppl": {"wikitext2": 10.0}, "zeroshot": zero} | {
+        "time_ratio": 1.5
+    }
+
+
+def test_zero_shot_targets():
+    dense = {**_row("dense", 0.0, 0.42, 0.50), "params": 10}
+    rows = [dense, _row("default", 0.2, 0.63, 0.45), _row("flap+liar", 0.2, 0.40, 0.52)]
+    targets = {t["target"]: t for t in check_targets(rows)}
+    best = targets["default zero-shot average is the best or within 0.5 points of the best"]
+    assert best["met"] is True and best["numbers"] == "p=0.2: 51.0 vs best other flap+liar 48.0"
+    drop = targets["p=0.2: zero-shot average within 1.5 points of dense"]
+    assert drop["met"] is True and "(-3.7 points lost)" in drop["numbers"]  # 47.3 -> 51.0
+    rows[1] = _row("default", 0.2, 0.42, 0.45)  # without the BoolQ gain it falls behind
+    targets = {t["target"]: t for t in check_targets(rows)}
+    assert (
+        targets["default zero-shot average is the best or within 0.5 points of the best"]["met"]
+        is False
+    )
