@@ -174,6 +174,8 @@ class Suite:
             "params": count_params(model),
             "prune_s": round(prune_s, 2),
             "time_ratio": (self.stats.wall_s + prune_s) / self.forward_s,
+            "forward_s": round(self.forward_s, 2),
+            "capture_s": round(self.stats.wall_s, 2),
             "keep_ratios": [round(k, 4) for k in report.keep_ratios],
             "ppl": self.ppl(model),
             "speed_bf16": {
@@ -220,8 +222,9 @@ def write_outputs(args, suite: Suite, rows: list[dict]) -> None:
     payload = {
         "settings": {k: str(v) for k, v in vars(args).items()},
         "settings_key": suite.key,
-        "dense_forward_s": suite.forward_s,
-        "capture_s": suite.stats.wall_s,
+        # This process's own timings; a cached row was timed by the process that computed it
+        # (its time_ratio, forward_s and capture_s).
+        "last_process": {"dense_forward_s": suite.forward_s, "capture_s": suite.stats.wall_s},
         "calibration": suite.calib.fingerprint,
         "evaluation": {s: w.fingerprint for s, w in suite.evals.items()},
         "threads": torch.get_num_threads(),
