@@ -230,15 +230,15 @@ def write_outputs(args, suite: Suite, rows: list[dict]) -> None:
         "threads": torch.get_num_threads(),
         "versions": library_versions(),
         "rows": rows,
-        "targets": check_targets(rows),
     }
-    write_json(args.out, payload)
-    _write_views(args, payload)
+    _publish(args, payload)
 
 
-def _write_views(args: argparse.Namespace, payload: dict) -> None:
-    """The perplexity-vs-budget plot and BENCHMARKS.md of a result."""
+def _publish(args: argparse.Namespace, payload: dict) -> None:
+    """Check the targets on the payload's rows; write the JSON, the plot and BENCHMARKS.md."""
     rows = payload["rows"]
+    payload["targets"] = check_targets(rows)
+    write_json(args.out, payload)
     dense = next(r for r in rows if r["method"] == "dense")
     pruned = [r for r in rows if r["method"] != "dense"]
     if pruned:
@@ -249,11 +249,8 @@ def _write_views(args: argparse.Namespace, payload: dict) -> None:
 def render_only(args: argparse.Namespace) -> list[dict]:
     """Rewrite the targets, BENCHMARKS.md and the plot from a finished JSON result."""
     payload = read_json(args.out)
-    rows = payload["rows"]
-    payload["targets"] = check_targets(rows)
-    write_json(args.out, payload)
-    _write_views(args, payload)
-    return rows
+    _publish(args, payload)
+    return payload["rows"]
 
 
 def main(argv=None) -> list[dict]:
