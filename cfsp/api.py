@@ -13,12 +13,12 @@ from cfsp import __version__
 from cfsp.capture import capture
 from cfsp.compress import prune_model
 from cfsp.config import CalibConfig, PruneConfig
-from cfsp.data import calibration_windows
+from cfsp.data import calibration_windows, check_source
 from cfsp.errors import UsageError
 from cfsp.evaluate.api import count_params
 from cfsp.export import MANIFEST, save_checkpoint
 from cfsp.io import atomic_dir, check_writable_parent, read_json
-from cfsp.models import load_model
+from cfsp.models import check_model_spec, load_model
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,8 @@ def compress(
 ) -> dict:
     """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`."""
     out = check_writable_parent(out)
+    check_model_spec(model_spec, trust_remote_code)
+    check_source(calib.source, "calibration")
     request = {
         "model": model_spec,
         "calibration": calib.model_dump(),

@@ -19,8 +19,9 @@ app = typer.Typer(
     name="cfsp",
     help="Coarse-to-fine structured pruning of causal LMs, repaired without retraining.\n\n"
     "Model specs: smollm2-135m (embedded default, no hub needed), a local HF directory, a .gguf "
-    "file, or a hub id. Text specs: botchan, self, wikitext2[:split], c4, ptb, file:PATH, "
-    "hf:NAME[:CONFIG[:SPLIT]].",
+    "file, or a hub id. Text specs: botchan[:train|:test], self, wikitext2[:split], c4, ptb, "
+    "file:PATH, hf:NAME[:CONFIG[:SPLIT]]. wikitext2 and c4 come from the hub, else from "
+    "CFSP_DATA_DIR.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -56,7 +57,9 @@ def eval_cmd(
     model: ModelOpt = "smollm2-135m",
     data: Annotated[
         str | None,
-        typer.Option(help="Comma-separated text specs to score (default botchan unless --tasks)."),
+        typer.Option(
+            help="Comma-separated text specs to score (default botchan:test unless --tasks)."
+        ),
     ] = None,
     seqlen: Annotated[
         int, typer.Option(help="Context length of each window (always reported).")
@@ -110,7 +113,7 @@ def eval_cmd(
     cfg = validate(
         EvalConfig,
         {
-            "perplexity": data.split(",") if data else ([] if tasks else ["botchan"]),
+            "perplexity": data.split(",") if data else ([] if tasks else ["botchan:test"]),
             "seqlen": seqlen,
             "limit": limit,
             "tasks": tasks.split(",") if tasks else [],
@@ -204,7 +207,9 @@ def prune_cmd(
         ),
     ] = "ffn",
     round_to: Annotated[int, typer.Option(help="Round kept FFN widths to 1, 8, 64 or 128.")] = 1,
-    calib: Annotated[str, typer.Option(help="Calibration text spec.")] = "botchan",
+    calib: Annotated[
+        str, typer.Option(help="Calibration text spec (default: the first 80% of Botchan).")
+    ] = "botchan:train",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for window sampling and random choices.")] = 0,
@@ -328,6 +333,26 @@ def run_cmd(
             "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS on a slow machine"
         ) from err
     _print_summaries(summaries, time.perf_counter() - start)
+    _print_protocol(p, summaries)
+
+
+def _print_protocol(p, summaries: list[dict]) -> None:
+    """What the numbers above mean: which text calibrated, which evaluated, where outputs are."""
+    from cfsp.data import texts_overlap
+
+    cal, ev = p.prepare, p.evaluate
+    limit = f"first {ev.limit}" if ev.limit else "all"
+    typer.echo(
+        f"calibration: {cal.source}, {cal.nsamples} windows x {cal.seqlen} tokens (seed "
+        f"{cal.seed}); evaluation: {', '.join(ev.perplexity)}, {limit} windows of {ev.seqlen}"
+    )
+    shared = [s for s in ev.perplexity if texts_overlap(cal.source, s)]
+    if shared:
+        typer.echo(f"note: calibration text overlaps the evaluation text of {', '.join(shared)}")
+    elif cal.source != "self":
+        typer.echo("calibration and evaluation texts are disjoint")
+    for s in summaries:
+        typer.echo(f"checkpoint {s['name']}: {s['checkpoint']}")
 
 
 @app.command("serve")

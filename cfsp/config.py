@@ -27,7 +27,7 @@ class Strict(BaseModel):
 
 
 class CalibConfig(Strict):
-    source: str = "botchan"
+    source: str = "botchan:train"  # embedded; disjoint from the default evaluation text
     nsamples: int = Field(128, gt=0)
     seqlen: int = Field(128, gt=0)
     seed: int = 0
@@ -96,7 +96,7 @@ class SpeedConfig(Strict):
 
 
 class EvalConfig(Strict):
-    perplexity: list[str] = ["wikitext2", "botchan"]
+    perplexity: list[str] = ["botchan:test"]  # embedded; wikitext2/c4 need hub or CFSP_DATA_DIR
     seqlen: int = Field(128, gt=0)
     limit: int | None = Field(64, gt=0)
     batch_tokens: int = Field(4096, gt=0)

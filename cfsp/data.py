@@ -1,14 +1,16 @@
 """Text sources -> token windows with a fingerprint.
 
 Source specs (one string everywhere):
-  botchan                 the Botchan novel from the sentencepiece sdist (no hub needed)
+  botchan[:PART]          the Botchan novel from the sentencepiece sdist (no hub needed); PART
+                          `train` = its first 80% of lines, `test` = the remaining 20%: the
+                          main job calibrates on one and evaluates on the other (disjoint)
   self                    text sampled from the model itself, seeded (calibration only)
   file:PATH               .txt/.raw (whole file), .jsonl (field "text"), .parquet (column "text")
   hf:NAME[:CONFIG[:SPLIT]]  any hub dataset with a text column (split defaults to "test")
   wikitext2[:SPLIT], c4, ptb[:SPLIT]
                           the usual pruning corpora: from the hub when it is reachable, else from
-                          the local data directory (CFSP_DATA_DIR, or a `shared/data` folder
-                          beside the checkout; see its SOURCES.md)
+                          the local data directory named by CFSP_DATA_DIR (never guessed;
+                          layout in SOURCES.md of this team's data folder)
 
 Calibration takes N windows of L tokens at seeded random offsets of the tokenized text;
 evaluation takes consecutive non-overlapping windows, optionally only the first K.
@@ -30,6 +32,17 @@ from cfsp.errors import CfspError, UsageError
 from cfsp.io import sha256_text
 
 ALIASES = ("botchan", "self", "wikitext2", "c4", "ptb")
+BOTCHAN_PARTS = ("train", "test")
+BOTCHAN_TRAIN_FRACTION = 0.8  # of the novel's lines; `botchan:test` is the rest
+# Local copies of the hub corpora, relative to CFSP_DATA_DIR: (alias, split) -> file.
+LOCAL_COPIES = {
+    ("wikitext2", "test"): "wikitext2/wiki.test.raw",
+    ("wikitext2", "valid"): "wikitext2/tokens/valid.txt",
+    ("wikitext2", "validation"): "wikitext2/tokens/valid.txt",
+    ("c4", "validation"): "c4/c4_validation_2k.jsonl",
+}
+DEFAULT_SPLIT = {"wikitext2": "test", "c4": "validation", "ptb": "test"}
+PURPOSES = ("calibration", "evaluation", "training")
 
 
 @dataclass
@@ -68,19 +81,10 @@ def hub_reachable() -> bool:
 
 
 def local_data_dir() -> Path | None:
+    """The folder of local corpus copies: CFSP_DATA_DIR, or None. Never guessed from where the
+    package or the working directory happens to be: a run's data is what its user named."""
     env = os.environ.get("CFSP_DATA_DIR")
-    if env:
-        return Path(env).expanduser()
-    repo = Path(__file__).resolve().parent.parent
-    for candidate in (
-        Path.cwd() / "shared/data",
-        Path.cwd().parent / "shared/data",
-        repo / "shared/data",
-        repo.parent / "shared/data",
-    ):
-        if candidate.is_dir():
-            return candidate
-    return None
+    return Path(env).expanduser() if env else None
 
 
 def _read_file(path: Path) -> str:
@@ -130,12 +134,25 @@ def _from_hub(name: str, config: str | None, split: str, column: str | None = No
     return "\n\n".join(ds[column])
 
 
-def _local(relative: str, alias: str) -> Path:
-    root = local_data_dir()
-    if root is None or not (root / relative).is_file():
+def _local(alias: str, split: str) -> Path:
+    """The local copy of (alias, split) under CFSP_DATA_DIR, or a UsageError saying why not."""
+    spec = alias if split == DEFAULT_SPLIT.get(alias) else f"{alias}:{split}"
+    relative = LOCAL_COPIES.get((alias, split))
+    if relative is None:
+        known = [s for a, s in LOCAL_COPIES if a == alias]
         raise UsageError(
-            f"{alias}: the hub is not reachable and no local copy was found "
-            f"(set CFSP_DATA_DIR to a folder holding {relative})"
+            f"{spec}: the hub is not reachable and split {split!r} has no local copy"
+            + (f" (local splits: {', '.join(known)})" if known else "")
+        )
+    root = local_data_dir()
+    if root is None:
+        raise UsageError(
+            f"{spec}: the hub is not reachable and CFSP_DATA_DIR is not set (set it to a "
+            f"folder holding {relative}, or use the embedded botchan / self text)"
+        )
+    if not (root / relative).is_file():
+        raise UsageError(
+            f"{spec}: the hub is not reachable and CFSP_DATA_DIR={root} has no {relative}"
         )
     return root / relative
 
@@ -148,14 +165,7 @@ def _alias_text(name: str, split: str | None) -> Text:
             hf_split = {"valid": "validation"}.get(split, split)
             text = _from_hub("wikitext", "wikitext-2-raw-v1", hf_split)
             return Text(text, spec, f"hub:wikitext/wikitext-2-raw-v1@{hf_split}")
-        relative = {
-            "test": "wikitext2/wiki.test.raw",
-            "valid": "wikitext2/tokens/valid.txt",
-            "validation": "wikitext2/tokens/valid.txt",
-        }.get(split)
-        if relative is None:
-            raise UsageError(f"wikitext2 split {split!r} has no local copy; use test or valid")
-        path = _local(relative, spec)
+        path = _local("wikitext2", split)
         return Text(
             _wikitext_rows_text(path.read_text(encoding="utf-8").splitlines()), spec, str(path)
         )
@@ -169,7 +179,7 @@ def _alias_text(name: str, split: str | None) -> Text:
                 split="validation",
             )
             return Text("\n\n".join(ds["text"][:2000]), spec, "hub:allenai/c4@validation[:2000]")
-        path = _local("c4/c4_validation_2k.jsonl", spec)
+        path = _local("c4", split or "validation")
         return Text(_read_file(path), spec, str(path))
     if name == "ptb":
         split = split or "test"
@@ -182,11 +192,9 @@ def _alias_text(name: str, split: str | None) -> Text:
 
 def load_text(spec: str) -> Text:
     """Return the raw text for any spec except `self` (which needs a model)."""
-    if spec == "botchan":
-        from cfsp.embedded import botchan_text
-
-        text, _ = botchan_text()
-        return Text(text, spec, "sentencepiece==0.2.3:test/botchan.txt")
+    name, _, part = spec.partition(":")
+    if name == "botchan":
+        return _botchan(part)
     if spec.startswith("file:"):
         path = Path(spec[5:]).expanduser()
         return Text(_read_file(path), spec, str(path.resolve()))
@@ -196,13 +204,81 @@ def load_text(spec: str) -> Text:
             raise UsageError(f"bad hub spec {spec!r}; use hf:NAME[:CONFIG[:SPLIT]]")
         name, config, split = (parts + [None, None])[:3]
         return Text(_from_hub(name, config, split or "test"), spec, f"hub:{spec[3:]}")
-    name, _, split = spec.partition(":")
     if name in ("wikitext2", "c4", "ptb"):
-        return _alias_text(name, split or None)
-    raise UsageError(
-        f"unknown text source {spec!r}; use one of {', '.join(ALIASES)}, file:PATH or "
-        "hf:NAME[:CONFIG[:SPLIT]]"
+        return _alias_text(name, part or None)
+    raise _unknown(spec)
+
+
+def _unknown(spec: str) -> UsageError:
+    return UsageError(
+        f"unknown text source {spec!r}; use one of {', '.join(ALIASES)}, botchan:train, "
+        "botchan:test, file:PATH or hf:NAME[:CONFIG[:SPLIT]]"
     )
+
+
+def _check_botchan_part(part: str) -> None:
+    if part and part not in BOTCHAN_PARTS:
+        raise UsageError(f"botchan:{part}: unknown part; use botchan, botchan:train, botchan:test")
+
+
+def _botchan(part: str) -> Text:
+    """The whole novel, or its first 80% of lines (`train`) / the remaining 20% (`test`)."""
+    from cfsp.embedded import botchan_text
+
+    _check_botchan_part(part)
+    text, _ = botchan_text()
+    origin = "sentencepiece==0.2.3:test/botchan.txt"
+    if not part:
+        return Text(text, "botchan", origin)
+    lines = text.splitlines(keepends=True)
+    cut = int(len(lines) * BOTCHAN_TRAIN_FRACTION)
+    chosen = lines[:cut] if part == "train" else lines[cut:]
+    where = f"lines 1-{cut}" if part == "train" else f"lines {cut + 1}-{len(lines)}"
+    return Text("".join(chosen), f"botchan:{part}", f"{origin} ({where} of {len(lines)})")
+
+
+def texts_overlap(a: str, b: str) -> bool:
+    """Whether two specs may share text: the same spec, or Botchan whole and one of its parts.
+    `self` text is generated by the model, so it shares nothing with a real text."""
+    if "self" in (a, b):
+        return False
+    return a == b or {a, b} in ({"botchan", "botchan:train"}, {"botchan", "botchan:test"})
+
+
+# -- checking a spec before any work ---------------------------------------------------------------
+def check_source(spec: str, purpose: str) -> None:
+    """Fail now, in milliseconds, if `spec` cannot give text for `purpose`.
+
+    Resolves the spec as `load_text` would without reading the text: the spec parses, a local
+    file exists, a hub source has the hub, a hub corpus has the hub or a local copy under
+    CFSP_DATA_DIR. Text that needs a model (`self`) is for calibration only.
+    """
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}")
+    name, _, part = spec.partition(":")
+    if spec == "self":
+        if purpose != "calibration":
+            raise UsageError(f"'self' text is for calibration only; give real text for {purpose}")
+    elif name == "file":
+        path = Path(part).expanduser()
+        if not part or not path.is_file():
+            raise UsageError(f"{purpose} text {spec!r}: file {path} does not exist")
+    elif name == "hf":
+        bits = part.split(":")
+        if not bits[0] or len(bits) > 3:
+            raise UsageError(f"bad hub spec {spec!r}; use hf:NAME[:CONFIG[:SPLIT]]")
+        if not hub_reachable():
+            raise UsageError(f"{purpose} text {spec!r} needs the hub, which is not reachable")
+    elif name == "botchan":
+        _check_botchan_part(part)
+    elif name in DEFAULT_SPLIT:
+        if hub_reachable():
+            return
+        if name == "ptb":
+            raise UsageError("ptb needs the hub (no local copy); use wikitext2, c4 or botchan")
+        _local(name, part or DEFAULT_SPLIT[name])
+    else:
+        raise _unknown(spec)
 
 
 # -- tokens and windows ---------------------------------------------------------------------------

@@ -70,18 +70,10 @@ def check_checkpoint_dir(path: Path) -> None:
 
 
 def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_checkpoint_dir(path)
-    try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (ValueError, KeyError, OSError) as err:
-        if not trust_remote_code and "trust_remote_code" in str(err):
-            raise UsageError(
-                f"{path} ships its own modeling code (auto_map in config.json); cfsp never runs "
-                "it unless you pass --trust-remote-code"
-            ) from err
-        raise CfspError(f"cannot read the config in {path}: {err}") from err
+    config = _read_config(path, trust_remote_code)
     adapter_for(config)  # unsupported architectures fail here, before loading weights
     if getattr(config, "cfsp_layer_widths", None) and not trust_remote_code:
         from cfsp.export import load_pruned
@@ -172,3 +164,50 @@ def _load_model(spec: str, dtype: str, trust_remote_code: bool) -> LoadedModel:
     return LoadedModel(
         model=model, tokenizer=tokenizer, spec=spec, path=str(path), revision=revision
     )
+
+
+def check_model_spec(spec: str, trust_remote_code: bool = False) -> None:
+    """Fail now, without loading weights, if `spec` cannot give a supported model.
+
+    Aliases are embedded (fetched from the package index on first use). A directory needs a
+    config.json of a supported architecture and intact safetensors headers; a hub id needs the
+    hub. Reads headers and configs only: seconds at most, whatever the model's size.
+    """
+    from cfsp.data import hub_reachable
+
+    path = Path(spec).expanduser()
+    if spec in ALIASES:
+        return
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise UsageError(f"GGUF file {spec} does not exist")
+    elif path.exists():
+        if not path.is_dir():
+            raise UsageError(f"{spec} is a file; give a model directory, a .gguf file or a hub id")
+        check_checkpoint_dir(path)
+        adapter_for(_read_config(path, trust_remote_code))
+    elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        if not hub_reachable():
+            raise UsageError(
+                f"model {spec!r} is not a local path or an embedded alias "
+                f"({', '.join(sorted(ALIASES))}), and the hub is not reachable"
+            )
+    else:
+        raise UsageError(
+            f"model {spec!r} not found: not an existing path, not a hub id (org/name), "
+            f"not an alias ({', '.join(sorted(ALIASES))})"
+        )
+
+
+def _read_config(path: Path, trust_remote_code: bool):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as err:
+        if not trust_remote_code and "trust_remote_code" in str(err):
+            raise UsageError(
+                f"{path} ships its own modeling code (auto_map in config.json); cfsp never runs "
+                "it unless you pass --trust-remote-code"
+            ) from err
+        raise CfspError(f"cannot read the config in {path}: {err}") from err

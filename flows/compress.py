@@ -19,6 +19,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from cfsp.config import Params, prune_config
 from cfsp.io import read_json, write_json
+from cfsp.preflight import check_params
 from cfsp.report import results_table, run_report, sweep_report
 from flows.keys import digest, model_key, run_name, slug
 from tasks import stages as t
@@ -311,8 +312,16 @@ def task_runner(params: Params):
     )
 
 
+def check_request(params: Params) -> None:
+    """The whole request, before Prefect starts: every spec, source, task, output and the
+    tracking backend (a usage error here costs seconds, not a half-run sweep)."""
+    check_params(params)
+    preflight(params.tracking.resolved_uri(params.output))
+
+
 def run_sweep(params: Params) -> list[dict]:
-    """Run the sweep flow with the configured task runner."""
+    """Check the request, then run the sweep flow with the configured task runner."""
+    check_request(params)
     return sweep.with_options(task_runner=task_runner(params))(params.model_dump())
 
 

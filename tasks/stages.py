@@ -17,8 +17,15 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cfsp import stages
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
+from cfsp.errors import UsageError
 from cfsp.faults import kill_point
 from cfsp.io import sha256_file
+
+
+def retry_unless_usage_error(task, task_run, state) -> bool:
+    """Retry what may succeed on a second try (I/O, a busy machine), never a bad request."""
+    return not isinstance(state.data, UsageError)
+
 
 CACHED = dict(
     cache_policy=INPUTS + TASK_SOURCE,
@@ -26,6 +33,7 @@ CACHED = dict(
     result_serializer="json",
     retries=1,
     retry_delay_seconds=2,
+    retry_condition_fn=retry_unless_usage_error,
 )
 
 

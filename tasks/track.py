@@ -11,6 +11,7 @@ from prefect import task
 
 from cfsp import __version__
 from cfsp.errors import CfspError
+from tasks.stages import retry_unless_usage_error
 
 
 def _git_commit() -> str:
@@ -50,7 +51,12 @@ def preflight(uri: str) -> None:
         ) from err
 
 
-@task(name="track", retries=2, retry_delay_seconds=3)
+@task(
+    name="track",
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=retry_unless_usage_error,
+)
 def track(
     name: str,
     uri: str,

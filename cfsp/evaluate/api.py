@@ -9,7 +9,8 @@ from cfsp import __version__
 from cfsp.config import EvalConfig
 from cfsp.data import evaluation_windows
 from cfsp.evaluate.perplexity import perplexity
-from cfsp.models import load_model
+from cfsp.models import check_model_spec, load_model
+from cfsp.preflight import check_evaluation
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,10 @@ def evaluate_model(
     With cfg.speed.enabled, speed and memory are measured too: against `reference` (the dense
     model, loaded into the same process, every figure also as a ratio) or alone without one.
     """
+    check_model_spec(model_spec, trust_remote_code)
+    check_evaluation(cfg.perplexity, cfg.tasks)
+    if reference is not None:
+        check_model_spec(reference, trust_remote_code)
     start = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     # Build every window set first: a bad source fails before minutes of scoring.

@@ -213,9 +213,19 @@ def _data_root(data_dir: str | Path | None) -> Path:
     if root is None or not root.is_dir():
         raise UsageError(
             "zero-shot evaluation needs the local data folder "
-            f"({root if root else 'none found'}): set CFSP_DATA_DIR to it (see SOURCES.md)"
+            f"({root if root else 'CFSP_DATA_DIR is not set'}): set CFSP_DATA_DIR to a folder "
+            "holding piqa/, arc/, boolq/, winogrande/, hellaswag/ (see SOURCES.md)"
         )
     return root.resolve()
+
+
+def check_tasks(tasks: list[str], data_dir: str | Path | None = None) -> None:
+    """Fail now if a task is unknown or its data files are missing (nothing is read)."""
+    names = resolve_tasks(tasks, SOURCES)
+    root = _data_root(data_dir)
+    for name in names:
+        for relative in SOURCES[name].files:
+            _require(root, relative)
 
 
 # -- export ------------------------------------------------------------------------------------
