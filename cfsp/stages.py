@@ -26,7 +26,7 @@ from cfsp.api import build_manifest
 from cfsp.capture import Statistics, capture
 from cfsp.compress import Allocation, allocate, prune_model
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
-from cfsp.data import TokenWindows, calibration_windows, tensor_hash
+from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash
 from cfsp.errors import CfspError, UsageError
 from cfsp.evaluate.api import count_params, evaluate_model
 from cfsp.export import read_manifest, save_checkpoint
@@ -59,6 +59,7 @@ def _load_tokens(path: Path) -> TokenWindows:
 def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float32") -> dict:
     """Tokenize the calibration source into N x L windows; returns the fingerprint."""
     check_writable_parent(out)
+    check_source(calib.source, "calibration")
     loaded = load_model(model_spec, dtype=dtype)
     windows = calibration_windows(
         calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
