@@ -161,3 +161,10 @@ try:  # classes for auto_map; absent families simply are not offered
     CfspQwen2ForCausalLM = _remote_class(Qwen2ForCausalLM)
 except ImportError:  # pragma: no cover
     pass
+
+try:  # newer families, each on its own: an older transformers without them keeps the rest
+    from transformers import Qwen3ForCausalLM
+
+    CfspQwen3ForCausalLM = _remote_class(Qwen3ForCausalLM)
+except ImportError:  # pragma: no cover
+    pass
