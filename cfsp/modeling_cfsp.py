@@ -168,3 +168,10 @@ try:  # newer families, each on its own: an older transformers without them keep
     CfspQwen3ForCausalLM = _remote_class(Qwen3ForCausalLM)
 except ImportError:  # pragma: no cover
     pass
+
+try:
+    from transformers import Phi3ForCausalLM
+
+    CfspPhi3ForCausalLM = _remote_class(Phi3ForCausalLM)
+except ImportError:  # pragma: no cover
+    pass
