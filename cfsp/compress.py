@@ -22,6 +22,7 @@ from cfsp.allocate import (
     flap_counts,
 )
 from cfsp.arch import DecoderAdapter, adapter_for
+from cfsp.arch.base import head_rows
 from cfsp.capture import (
     BlockStats,
     Statistics,
@@ -198,13 +199,9 @@ def settle_biases(model, adapter: DecoderAdapter, stock: dict[str, bool]) -> lis
     for role in needed:
         setattr(config, flags[role], True)
         for p in parts:
-            for layer in (p.q, p.k, p.v) if role == "o" else (p.gate, p.up):
-                _zero_bias(layer)
+            for rows in (p.q, p.k, p.v) if role == "o" else (p.gate, p.up):
+                _zero_bias(rows.linear)  # a fused module gets one bias over all its roles
     return [kinds[r] for r in needed]
-
-
-def _head_channels(heads: list[int], head_dim: int) -> torch.Tensor:
-    return torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)])
 
 
 def prune_block(
@@ -220,7 +217,7 @@ def prune_block(
     row: dict = {}
     folded = {}
     for name, layer, st, keep in (
-        ("o", p.o, stats.o, _head_channels(plan.heads, head_dim)),
+        ("o", p.o, stats.o, head_rows(plan.heads, head_dim)),
         ("down", p.down, stats.down, torch.tensor(plan.channels)),
     ):
         w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)

@@ -6,15 +6,91 @@ code builds every block at the config's dense width; `resize_to_layer_widths` re
 block's projections at its own width before the weights are loaded. `config.cfsp_extra_bias`
 lists projections that carry a compensation bias the stock config cannot express.
 
-cfsp.load_pruned(DIR) uses this module directly. The same file is copied into each per-block
-checkpoint with an `auto_map`, so `AutoModelForCausalLM.from_pretrained(DIR,
-trust_remote_code=True)` (and lm-eval's hf model with trust_remote_code=True) load it too.
+Projections are known by name. One that produces roles stacks their rows in order: q_proj = [q],
+Phi-3's qkv_proj = [q; k; v] and gate_up_proj = [gate; up] (q: heads * head_dim rows, k and v:
+kv_heads * head_dim, gate and up: intermediate). o_proj and down_proj take q's and gate's rows
+as input columns.
+
+Some stock forwards read a width from the shared config instead of the module (Phi-3 splits
+qkv at config.num_attention_heads * head_dim). A block whose head counts differ from the
+config's gets a `BlockConfig` as its attention's `config`: the block's own head counts,
+everything else read live from the model's config. The stock forward runs unchanged.
+
+cfsp.load_pruned(DIR) uses this module directly, and cfsp's adapters call it when they slice a
+block. The same file is copied into each per-block checkpoint with an `auto_map`, so
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` (and lm-eval's hf model
+with trust_remote_code=True) load it too.
 """
 
 from torch import nn
 
-_ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+# output projection name -> the roles whose rows it stacks, in row order
+_ROW_ROLES = {
+    "q_proj": ("q",),
+    "k_proj": ("k",),
+    "v_proj": ("v",),
+    "qkv_proj": ("q", "k", "v"),
+    "gate_proj": ("gate",),
+    "up_proj": ("up",),
+    "gate_up_proj": ("gate", "up"),
+}
+# input projection name -> the role whose rows are its input columns
+_COLUMN_ROLE = {"o_proj": "q", "down_proj": "gate"}
+
+
+class BlockConfig:
+    """One block's view of the model config: its own head counts, the rest read live.
+
+    Reads of any other attribute (and writes to it) go to the shared config, so a later change
+    such as the attention implementation reaches every block. Plain state, so deepcopy works.
+    """
+
+    def __init__(self, shared, **own):
+        self.__dict__.update(own, _shared=shared)
+
+    def __getattr__(self, name):  # only called when `name` is not one of the block's own
+        shared = self.__dict__.get("_shared")
+        if shared is None:  # during copy/unpickle, before the state is restored
+            raise AttributeError(name)
+        return getattr(shared, name)
+
+    def __setattr__(self, name, value):
+        if name in self.__dict__:
+            self.__dict__[name] = value
+        else:
+            setattr(self._shared, name, value)
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self):
+        own = {k: v for k, v in self.__dict__.items() if k != "_shared"}
+        return f"BlockConfig({type(self._shared).__name__}, {own})"
+
+
+def set_attention_widths(attn, heads, kv):
+    """Set what the stock attention forward reads: module attributes, and a `BlockConfig`
+    when the block's head counts differ from its model config's."""
+    attn.num_key_value_groups = heads // kv
+    for attr, value in (("num_heads", heads), ("num_key_value_heads", kv)):
+        if hasattr(attn, attr):
+            setattr(attn, attr, value)
+    config = getattr(attn, "config", None)
+    if config is None:
+        return
+    shared = config._shared if isinstance(config, BlockConfig) else config
+    if (shared.num_attention_heads, shared.num_key_value_heads) == (heads, kv):
+        attn.config = shared
+    else:
+        attn.config = BlockConfig(shared, num_attention_heads=heads, num_key_value_heads=kv)
+
+
+def set_mlp_width(mlp, inter):
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = inter
 
 
 def _linear(old, in_features, out_features, bias):
@@ -23,13 +99,37 @@ def _linear(old, in_features, out_features, bias):
     )
 
 
+def resize_block(attn, mlp, heads, kv, inter, head_dim, extra_bias=()):
+    """Rebuild every known projection of one block at the given widths (uninitialised)."""
+    rows = {
+        "q": heads * head_dim,
+        "k": kv * head_dim,
+        "v": kv * head_dim,
+        "gate": inter,
+        "up": inter,
+    }
+    for owner in (attn, mlp):
+        for name, old in list(owner.named_children()):
+            if not isinstance(old, nn.Linear):
+                continue
+            if name in _ROW_ROLES:
+                shape = (old.in_features, sum(rows[r] for r in _ROW_ROLES[name]))
+            elif name in _COLUMN_ROLE:
+                shape = (rows[_COLUMN_ROLE[name]], old.out_features)
+            else:
+                continue
+            bias = old.bias is not None or name in extra_bias
+            setattr(owner, name, _linear(old, *shape, bias))
+    set_attention_widths(attn, heads, kv)
+    set_mlp_width(mlp, inter)
+
+
 def resize_to_layer_widths(model, config):
     widths = getattr(config, "cfsp_layer_widths", None)
     extra_bias = set(getattr(config, "cfsp_extra_bias", None) or ())
-    hidden = config.hidden_size
-    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    uniform = (config.num_attention_heads, config.num_key_value_heads, config.intermediate_size)
     for layer_index, layer in enumerate(model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
         if widths is not None:
             w = widths[layer_index]
             heads, kv, inter = (
@@ -38,28 +138,8 @@ def resize_to_layer_widths(model, config):
                 w["intermediate_size"],
             )
         else:
-            heads, kv = attn.q_proj.out_features // head_dim, attn.k_proj.out_features // head_dim
-            inter = mlp.gate_proj.out_features
-        shapes = {
-            "q_proj": (hidden, heads * head_dim),
-            "k_proj": (hidden, kv * head_dim),
-            "v_proj": (hidden, kv * head_dim),
-            "o_proj": (heads * head_dim, hidden),
-            "gate_proj": (hidden, inter),
-            "up_proj": (hidden, inter),
-            "down_proj": (inter, hidden),
-        }
-        for owner, names in ((attn, _ATTN), (mlp, _MLP)):
-            for name in names:
-                old = getattr(owner, name)
-                bias = old.bias is not None or name in extra_bias
-                setattr(owner, name, _linear(old, *shapes[name], bias))
-        attn.num_key_value_groups = heads // kv
-        for attr, value in (("num_heads", heads), ("num_key_value_heads", kv)):
-            if hasattr(attn, attr):
-                setattr(attn, attr, value)
-        if hasattr(mlp, "intermediate_size"):
-            mlp.intermediate_size = inter
+            heads, kv, inter = uniform
+        resize_block(layer.self_attn, layer.mlp, heads, kv, inter, head_dim, extra_bias)
     return model
 
 
@@ -79,5 +159,19 @@ try:  # classes for auto_map; absent families simply are not offered
     CfspLlamaForCausalLM = _remote_class(LlamaForCausalLM)
     CfspMistralForCausalLM = _remote_class(MistralForCausalLM)
     CfspQwen2ForCausalLM = _remote_class(Qwen2ForCausalLM)
+except ImportError:  # pragma: no cover
+    pass
+
+try:  # newer families, each on its own: an older transformers without them keeps the rest
+    from transformers import Qwen3ForCausalLM
+
+    CfspQwen3ForCausalLM = _remote_class(Qwen3ForCausalLM)
+except ImportError:  # pragma: no cover
+    pass
+
+try:
+    from transformers import Phi3ForCausalLM
+
+    CfspPhi3ForCausalLM = _remote_class(Phi3ForCausalLM)
 except ImportError:  # pragma: no cover
     pass

@@ -5,7 +5,8 @@ For block l with kept query heads Hk (grouped by KV head), kept KV heads Gk, kep
   o.weight [d, H*hd]   -> columns of Hk        (biases follow their rows)
   gate/up.weight [m, d] -> rows of Mk          down.weight [d, m]   -> columns of Mk
 Kept query heads are ordered group by group, so new query head i uses new KV head i // r, as
-stock attention (repeat_kv) assumes.
+stock attention (repeat_kv) assumes. Where roles share a fused module (Phi-3 qkv_proj, gate_up_proj)
+each role's rows are selected within its own row range (`DecoderAdapter.slice_block`).
 """
 
 from __future__ import annotations
@@ -51,49 +52,10 @@ def select(
     return BlockPlan(heads=heads, kv_heads=groups, channels=channels)
 
 
-def _rows(index: list[int], width: int) -> torch.Tensor:
-    """Row indices of `index` blocks of `width` rows each (head -> its head_dim rows)."""
-    return torch.tensor([i * width + j for i in index for j in range(width)], dtype=torch.long)
-
-
-def _slice_linear(
-    layer: nn.Linear, rows: torch.Tensor | None = None, cols: torch.Tensor | None = None
-) -> nn.Linear:
-    weight = layer.weight.detach()
-    bias = layer.bias.detach() if layer.bias is not None else None
-    if rows is not None:
-        weight = weight[rows]
-        bias = bias[rows] if bias is not None else None
-    if cols is not None:
-        weight = weight[:, cols]
-    new = nn.Linear(
-        weight.shape[1],
-        weight.shape[0],
-        bias=bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    with torch.no_grad():
-        new.weight.copy_(weight)
-        if bias is not None:
-            new.bias.copy_(bias)
-    return new
-
-
 def apply_plan(adapter: DecoderAdapter, block: nn.Module, plan: BlockPlan, head_dim: int) -> None:
-    """Slice one block in place to the kept heads and channels."""
-    p = adapter.parts(block)
-    q_rows, kv_rows = _rows(plan.heads, head_dim), _rows(plan.kv_heads, head_dim)
-    chans = torch.tensor(plan.channels, dtype=torch.long)
-    p.attn.q_proj = _slice_linear(p.q, rows=q_rows)
-    p.attn.k_proj = _slice_linear(p.k, rows=kv_rows)
-    p.attn.v_proj = _slice_linear(p.v, rows=kv_rows)
-    p.attn.o_proj = _slice_linear(p.o, cols=q_rows)
-    p.mlp.gate_proj = _slice_linear(p.gate, rows=chans)
-    p.mlp.up_proj = _slice_linear(p.up, rows=chans)
-    p.mlp.down_proj = _slice_linear(p.down, cols=chans)
-    adapter.set_attention_heads(p.attn, len(plan.heads), len(plan.kv_heads))
-    adapter.set_intermediate(p.mlp, len(plan.channels))
+    """Slice one block in place to the kept heads and channels (fused projections included:
+    the adapter knows which rows of which module each role is)."""
+    adapter.slice_block(block, plan, head_dim)
 
 
 def update_config(config, widths: list[BlockWidths], head_dim: int) -> None:

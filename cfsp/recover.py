@@ -145,13 +145,15 @@ class BlockTargets:
 
 
 def block_targets(model: nn.Module, targets: Sequence[str]) -> list[BlockTargets]:
-    """Per decoder block, its nn.Linear modules whose last name part is in `targets`."""
+    """Per decoder block, its nn.Linear modules whose last name part is in `targets` (a name
+    of a fused role, e.g. q_proj on Phi-3, means the module that holds it: qkv_proj)."""
     from cfsp.arch import adapter_for
 
+    adapter = adapter_for(model)
     names = {id(module): name for name, module in model.named_modules()}
-    wanted = set(targets)
+    wanted = {adapter.module_name(t) for t in targets}
     blocks = []
-    for block in adapter_for(model).layers(model):
+    for block in adapter.layers(model):
         found = [
             (names[id(m)], (m.in_features, m.out_features))
             for m in block.modules()

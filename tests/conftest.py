@@ -28,6 +28,13 @@ TINY = {
     "llama-gqa": ("llama", dict(num_attention_heads=6, num_key_value_heads=2)),
     "mistral-gqa": ("mistral", dict(num_attention_heads=4, num_key_value_heads=2)),
     "qwen2-gqa": ("qwen2", dict(num_attention_heads=4, num_key_value_heads=2)),
+    # attention_bias on: q, k, v and o biases (real Qwen3 has none; that path is LLaMA's)
+    "qwen3-gqa": ("qwen3", dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True)),
+    # fused qkv_proj / gate_up_proj; its default special ids (32000) lie outside a tiny vocab
+    "phi3-gqa": (
+        "phi3",
+        dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2),
+    ),
 }
 
 

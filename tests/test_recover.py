@@ -154,6 +154,26 @@ def test_merge_matches_unmerged_and_roundtrips(pruned, tmp_path, tiny_tokenizer)
     torch.testing.assert_close(_logits(load_pruned(tmp_path), ids), _logits(merged, ids))
 
 
+def test_fused_family_recovers_through_its_fused_modules(tmp_path, tiny_tokenizer):
+    """Phi-3 has no q_proj or gate_proj: the default targets reach qkv_proj / gate_up_proj, and
+    the merged per-block model saves and loads like any other."""
+    model = tiny_model("phi3-gqa")
+    windows = random_windows()
+    cfg = PruneConfig(budget=0.4, method="cfsp", temperature=0.2, structures="ffn+heads")
+    prune_model(model, capture(model, windows, progress=False), cfg)
+    blocks = block_targets(model, DEFAULT_TARGETS)
+    assert [n.rsplit(".", 1)[-1] for n in blocks[0].names] == [
+        "o_proj",
+        "qkv_proj",
+        "gate_up_proj",
+        "down_proj",
+    ]
+    merged, _ = recover(model, windows.ids, [1.0, 0.5], RecoverConfig(**FAST), progress=False)
+    save_checkpoint(merged, tiny_tokenizer, tmp_path, {"test": True})
+    ids = windows.ids
+    torch.testing.assert_close(_logits(load_pruned(tmp_path), ids), _logits(merged, ids))
+
+
 def test_recovery_lowers_loss():
     model = tiny_model("qwen2-gqa")
     ids = torch.arange(40).remainder(10).add(3).repeat(8, 1)  # repeated text

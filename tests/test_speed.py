@@ -25,6 +25,24 @@ def test_macs_per_token_by_hand():
     assert macs_per_token(model, context) == 2 * (per_block + attention) + lm_head
 
 
+def test_macs_per_token_follow_each_blocks_widths(tiny):
+    """Per-block widths, fused projections included: the count is the formula per block, and
+    the pruned model (copied, prefilled and decoded with a cache by `measure`) runs."""
+    from cfsp.arch import adapter_for
+
+    cfg = PruneConfig(budget=0.4, temperature=0.2, structures="ffn+heads")
+    prune_model(tiny, capture(tiny, random_windows(), progress=False), cfg)
+    adapter, d, context = adapter_for(tiny), tiny.config.hidden_size, 16
+    hd = adapter.head_dim(tiny.config)
+    expected = d * tiny.config.vocab_size  # lm_head
+    for w in adapter.block_widths(tiny):
+        q, kv = w.num_heads * hd, w.num_kv_heads * hd
+        expected += d * (2 * q + 2 * kv) + 3 * d * w.intermediate + 2 * q * (context + 1) // 2
+    assert macs_per_token(tiny, context) == expected
+    figures = measure({"pruned": tiny}, FAST)["float32"]["pruned"]
+    assert figures["macs_per_token"] == expected
+
+
 def _pruned(model, budget=0.5):
     pruned = copy.deepcopy(model)
     stats = capture(pruned, random_windows(), progress=False)

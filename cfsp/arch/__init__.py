@@ -6,10 +6,18 @@ from __future__ import annotations
 from cfsp.arch.base import BlockParts, BlockWidths, DecoderAdapter
 from cfsp.arch.llama import LlamaAdapter
 from cfsp.arch.mistral import MistralAdapter
+from cfsp.arch.phi3 import Phi3Adapter
 from cfsp.arch.qwen2 import Qwen2Adapter
+from cfsp.arch.qwen3 import Qwen3Adapter
 from cfsp.errors import UsageError
 
-ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter)
+ADAPTERS: tuple[type[DecoderAdapter], ...] = (
+    LlamaAdapter,
+    MistralAdapter,
+    Qwen2Adapter,
+    Qwen3Adapter,
+    Phi3Adapter,
+)
 SUPPORTED = sorted(t for a in ADAPTERS for t in a.model_types)
 
 
