@@ -159,6 +159,7 @@ def counts_from_ratios(
         rest = k * geo.block_params() - geo.attn_params(g * r, g)
         m = min(geo.intermediate, max(min_channels, rest / geo.ffn_params(1)))
         counts.append(BlockCounts(g, r, round_channels(m, multiple, geo.intermediate)))
+    check_rounding(geo, counts, 1.0 - float(keep.mean()), multiple, prune_heads)
     return counts
 
 
@@ -210,10 +211,48 @@ def flap_counts(
     available = int(ffn_budget // geo.ffn_params(1)) - geo.num_blocks
     for _z, b in order[: max(0, available)]:
         channels[b] += 1
-    return [
+    counts = [
         BlockCounts(g, r, round_channels(m, multiple, geo.intermediate))
         for (g, r), m in zip(layouts, channels, strict=True)
     ]
+    check_rounding(geo, counts, budget, multiple, prune_heads)
+    return counts
+
+
+def check_rounding(
+    geo: Geometry, counts: list[BlockCounts], budget: float, multiple: int, prune_heads: bool
+) -> None:
+    """Refuse an allocation whose rounded widths land far from the budget.
+
+    Rounding a block's FFN width to a multiple moves its cost by at most half a step; an
+    allocation further than that (plus 1%) from the budget means the multiple cannot express
+    the budget: `round_to 128` on a 128-wide FFN keeps every channel, and would otherwise be
+    reported as "removed 0.00%" with success.
+    """
+    if multiple <= 1 or budget <= 0:
+        return
+    achieved = achieved_fraction(geo, counts)
+    step = geo.ffn_params(multiple) / geo.block_params()
+    if abs(achieved - budget) <= 0.01 + step / 2:
+        return
+    raise UsageError(
+        f"budget {budget:g} cannot be met with round_to {multiple}: FFN widths of "
+        f"{geo.intermediate} channels rounded to multiples of {multiple} remove "
+        f"{achieved:.4f} of block parameters; {rounding_reach(geo, multiple, prune_heads)}; "
+        "choose a budget near one of those or a smaller round_to"
+    )
+
+
+def rounding_reach(geo: Geometry, multiple: int, prune_heads: bool) -> str:
+    """What budgets a rounding multiple can reach: the largest, and those of uniform widths."""
+    widths = sorted({min(geo.intermediate, multiple * k) for k in range(1, geo.intermediate + 1)})
+    whole = (geo.num_kv_heads, geo.group_size)
+    uniform = [achieved_fraction(geo, [BlockCounts(*whole, w)]) for w in widths]
+    low = (1, 1) if prune_heads else whole
+    most = achieved_fraction(geo, [BlockCounts(*low, widths[0])])
+    shown = ", ".join(f"{f:.3f}" for f in sorted(uniform)[:8])
+    more = ", ..." if len(uniform) > 8 else ""
+    return f"it reaches budgets up to {most:.3f} (equal widths in every block: {shown}{more})"
 
 
 def achieved_fraction(geo: Geometry, counts: list[BlockCounts]) -> float:
