@@ -141,10 +141,17 @@ def feasible_heads(geo: Geometry, target_attn: float) -> tuple[int, int]:
     return best[1]
 
 
+def rounded_widths(multiple: int, dense: int) -> list[int]:
+    """The FFN widths a rounding multiple allows: multiples of it, and the dense width."""
+    return sorted({min(dense, multiple * k) for k in range(1, dense // multiple + 2)})
+
+
 def round_channels(channels: float, multiple: int, dense: int) -> int:
+    """The allowed width nearest `channels` (the dense width counts as allowed, so 90 of 96
+    channels at multiple 64 becomes 96, not 64)."""
     if multiple <= 1:
         return int(round(channels))
-    return int(min(dense, max(multiple, multiple * round(channels / multiple))))
+    return min(rounded_widths(multiple, dense), key=lambda w: (abs(w - channels), w))
 
 
 def counts_from_ratios(
@@ -224,16 +231,17 @@ def check_rounding(
 ) -> None:
     """Refuse an allocation whose rounded widths land far from the budget.
 
-    Rounding a block's FFN width to a multiple moves its cost by at most half a step; an
-    allocation further than that (plus 1%) from the budget means the multiple cannot express
-    the budget: `round_to 128` on a 128-wide FFN keeps every channel, and would otherwise be
-    reported as "removed 0.00%" with success.
+    Rounding a block's FFN width to the nearest allowed width moves its cost by at most half
+    the largest gap between allowed widths; an allocation further than that (plus 1%) from the
+    budget means the multiple cannot express the budget: `round_to 128` on a 128-wide FFN
+    keeps every channel, and would otherwise be reported as "removed 0.00%" with success.
     """
     if multiple <= 1 or budget <= 0:
         return
     achieved = achieved_fraction(geo, counts)
-    step = geo.ffn_params(multiple) / geo.block_params()
-    if abs(achieved - budget) <= 0.01 + step / 2:
+    widths = rounded_widths(multiple, geo.intermediate)
+    gap = max((b - a for a, b in zip(widths, widths[1:], strict=False)), default=0)
+    if abs(achieved - budget) <= 0.01 + geo.ffn_params(gap) / 2 / geo.block_params():
         return
     raise UsageError(
         f"budget {budget:g} cannot be met with round_to {multiple}: FFN widths of "
@@ -245,11 +253,11 @@ def check_rounding(
 
 def rounding_reach(geo: Geometry, multiple: int, prune_heads: bool) -> str:
     """What budgets a rounding multiple can reach: the largest, and those of uniform widths."""
-    widths = sorted({min(geo.intermediate, multiple * k) for k in range(1, geo.intermediate + 1)})
+    widths = rounded_widths(multiple, geo.intermediate)
     whole = (geo.num_kv_heads, geo.group_size)
-    uniform = [achieved_fraction(geo, [BlockCounts(*whole, w)]) for w in widths]
+    uniform = [achieved_fraction(geo, [BlockCounts(*whole, w)] * geo.num_blocks) for w in widths]
     low = (1, 1) if prune_heads else whole
-    most = achieved_fraction(geo, [BlockCounts(*low, widths[0])])
+    most = achieved_fraction(geo, [BlockCounts(*low, widths[0])] * geo.num_blocks)
     shown = ", ".join(f"{f:.3f}" for f in sorted(uniform)[:8])
     more = ", ..." if len(uniform) > 8 else ""
     return f"it reaches budgets up to {most:.3f} (equal widths in every block: {shown}{more})"

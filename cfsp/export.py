@@ -69,7 +69,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32):
     try:  # edited widths (cfsp_layer_widths) that do not fit the weights: one clear error
         resize_to_layer_widths(model, config)
         result = model.load_state_dict(state, strict=False)
-    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
+    except (RuntimeError, ValueError, TypeError, LookupError, ArithmeticError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CfspError(
             f"checkpoint {directory}: cfsp_layer_widths in config.json do not match the "

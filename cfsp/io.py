@@ -100,6 +100,14 @@ def check_output_path(path: str | Path) -> Path:
     the temporary name it is written under (or the write fails after all the work).
     """
     path = Path(path).expanduser().absolute()
+    limit = _name_max(path)
+    for part in path.parts[1:]:  # first: a stat of an over-long name fails with ENAMETOOLONG
+        if len(part.encode()) + _TEMP_NAME_EXTRA > limit:
+            raise UsageError(
+                f"output location {path}: the name {part[:24]}... has {len(part.encode())} "
+                f"bytes; at most {limit - _TEMP_NAME_EXTRA} are allowed (file names are limited "
+                f"to {limit} and cfsp writes under a temporary name first)"
+            )
     if path.is_symlink():
         target = os.readlink(path)
         state = "dangling " if not path.exists() else ""
@@ -109,14 +117,6 @@ def check_output_path(path: str | Path) -> Path:
     reason = _protected(path)
     if reason:
         raise UsageError(f"output location {path} is {reason}; cfsp never replaces it")
-    limit = _name_max(path)
-    for part in path.parts[1:]:
-        if len(part.encode()) + _TEMP_NAME_EXTRA > limit:
-            raise UsageError(
-                f"output location {path}: the name {part[:24]}... has {len(part.encode())} "
-                f"bytes; at most {limit - _TEMP_NAME_EXTRA} are allowed (file names are limited "
-                f"to {limit} and cfsp writes under a temporary name first)"
-            )
     return path
 
 
@@ -166,8 +166,10 @@ def check_replaceable(path: str | Path) -> Path:
     a folder without a cfsp marker file is someone's data, and is never deleted.
     """
     path = Path(path).expanduser().absolute()
-    if not path.is_dir():
+    if not path.exists():
         return path
+    if not path.is_dir():
+        raise UsageError(f"output location {path} exists and is not a directory")
     try:
         names = {p.name for p in path.iterdir()}
     except OSError as err:

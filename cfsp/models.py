@@ -154,6 +154,7 @@ def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
                 use_safetensors=True,
                 trust_remote_code=trust_remote_code,
                 output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below by name, then refused
             )
         except (OSError, ValueError, RuntimeError) as err:
             raise CfspError(f"could not load weights from {path}: {err}") from err

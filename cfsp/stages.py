@@ -45,7 +45,7 @@ METRICS = "metrics.json"
 def _load_tokens(path: Path) -> TokenWindows:
     path = Path(path)
     path = path / TOKENS if path.is_dir() else path
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UsageError(f"calibration tokens {path} do not exist; run the prepare stage first")
     check_safetensors(path)  # a truncated file: one clear error, not the reader's traceback
     try:
@@ -113,7 +113,7 @@ def capture_stage(
 def _load_stats(path: Path) -> Statistics:
     path = Path(path)
     path = path / STATS if path.is_dir() else path
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UsageError(f"statistics {path} do not exist; run the capture stage first")
     check_safetensors(path)
     try:
