@@ -81,12 +81,15 @@ def _kind(mode: int) -> str:
 def _protected(path: Path) -> str | None:
     """Why `path` must never be replaced by an output: the root, home, the working directory
     or a folder above it (replacing one deletes what the user is standing in)."""
-    cwd = Path.cwd().resolve()
     real = path.resolve()
     if real == Path(real.anchor):
         return "the root directory"
     if real == Path.home().resolve():
         return "the home directory"
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted: nothing to protect there
+        return None
     if real == cwd or real in cwd.parents:
         return "the current directory" if real == cwd else "a parent of the current directory"
     return None

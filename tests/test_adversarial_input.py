@@ -726,7 +726,9 @@ def test_text_files_that_cannot_be_read(proj, tmp_path, capsys, make, match):
 
 
 @pytest.mark.parametrize(
-    "spec,match", [("file:", "give a path after 'file:'"), ("file:/dev/zero", "character device")]
+    "spec,match",
+    [("file:", "give a path after 'file:'"), ("file:/dev/zero", "character device")],
+    ids=["no-path", "dev-zero"],
 )
 def test_odd_text_specs(proj, tmp_path, capsys, spec, match):
     expect(capsys, prune_args(proj, tmp_path / "out", "--calib", spec), 2, match)
