@@ -141,10 +141,17 @@ def feasible_heads(geo: Geometry, target_attn: float) -> tuple[int, int]:
     return best[1]
 
 
+def rounded_widths(multiple: int, dense: int) -> list[int]:
+    """The FFN widths a rounding multiple allows: multiples of it, and the dense width."""
+    return sorted({min(dense, multiple * k) for k in range(1, dense // multiple + 2)})
+
+
 def round_channels(channels: float, multiple: int, dense: int) -> int:
+    """The allowed width nearest `channels` (the dense width counts as allowed, so 90 of 96
+    channels at multiple 64 becomes 96, not 64)."""
     if multiple <= 1:
         return int(round(channels))
-    return int(min(dense, max(multiple, multiple * round(channels / multiple))))
+    return min(rounded_widths(multiple, dense), key=lambda w: (abs(w - channels), w))
 
 
 def counts_from_ratios(
@@ -159,6 +166,7 @@ def counts_from_ratios(
         rest = k * geo.block_params() - geo.attn_params(g * r, g)
         m = min(geo.intermediate, max(min_channels, rest / geo.ffn_params(1)))
         counts.append(BlockCounts(g, r, round_channels(m, multiple, geo.intermediate)))
+    check_rounding(geo, counts, 1.0 - float(keep.mean()), multiple, prune_heads)
     return counts
 
 
@@ -210,10 +218,49 @@ def flap_counts(
     available = int(ffn_budget // geo.ffn_params(1)) - geo.num_blocks
     for _z, b in order[: max(0, available)]:
         channels[b] += 1
-    return [
+    counts = [
         BlockCounts(g, r, round_channels(m, multiple, geo.intermediate))
         for (g, r), m in zip(layouts, channels, strict=True)
     ]
+    check_rounding(geo, counts, budget, multiple, prune_heads)
+    return counts
+
+
+def check_rounding(
+    geo: Geometry, counts: list[BlockCounts], budget: float, multiple: int, prune_heads: bool
+) -> None:
+    """Refuse an allocation whose rounded widths land far from the budget.
+
+    Rounding a block's FFN width to the nearest allowed width moves its cost by at most half
+    the largest gap between allowed widths; an allocation further than that (plus 1%) from the
+    budget means the multiple cannot express the budget: `round_to 128` on a 128-wide FFN
+    keeps every channel, and would otherwise be reported as "removed 0.00%" with success.
+    """
+    if multiple <= 1 or budget <= 0:
+        return
+    achieved = achieved_fraction(geo, counts)
+    widths = rounded_widths(multiple, geo.intermediate)
+    gap = max((b - a for a, b in zip(widths, widths[1:], strict=False)), default=0)
+    if abs(achieved - budget) <= 0.01 + geo.ffn_params(gap) / 2 / geo.block_params():
+        return
+    raise UsageError(
+        f"budget {budget:g} cannot be met with round_to {multiple}: FFN widths of "
+        f"{geo.intermediate} channels rounded to multiples of {multiple} remove "
+        f"{achieved:.4f} of block parameters; {rounding_reach(geo, multiple, prune_heads)}; "
+        "choose a budget near one of those or a smaller round_to"
+    )
+
+
+def rounding_reach(geo: Geometry, multiple: int, prune_heads: bool) -> str:
+    """What budgets a rounding multiple can reach: the largest, and those of uniform widths."""
+    widths = rounded_widths(multiple, geo.intermediate)
+    whole = (geo.num_kv_heads, geo.group_size)
+    uniform = [achieved_fraction(geo, [BlockCounts(*whole, w)] * geo.num_blocks) for w in widths]
+    low = (1, 1) if prune_heads else whole
+    most = achieved_fraction(geo, [BlockCounts(*low, widths[0])] * geo.num_blocks)
+    shown = ", ".join(f"{f:.3f}" for f in sorted(uniform)[:8])
+    more = ", ..." if len(uniform) > 8 else ""
+    return f"it reaches budgets up to {most:.3f} (equal widths in every block: {shown}{more})"
 
 
 def achieved_fraction(geo: Geometry, counts: list[BlockCounts]) -> float:

@@ -17,7 +17,7 @@ from cfsp.data import calibration_windows, check_source
 from cfsp.errors import UsageError
 from cfsp.evaluate.api import count_params
 from cfsp.export import MANIFEST, save_checkpoint
-from cfsp.io import atomic_dir, check_writable_parent, read_json
+from cfsp.io import atomic_dir, check_replaceable, check_writable_parent, read_json
 from cfsp.models import check_model_spec, load_model
 
 log = logging.getLogger(__name__)
@@ -55,8 +55,12 @@ def build_manifest(
 
 
 def guard_output(out: Path, request: dict, overwrite: bool) -> None:
-    """Refuse to replace an output that holds something else, unless told to."""
-    if overwrite or not out.exists():
+    """Refuse to replace an output that holds something else, unless told to; even when told
+    to, replace only an empty folder or a cfsp output (never someone's data)."""
+    if overwrite:
+        check_replaceable(out)
+        return
+    if not out.exists():
         return
     manifest = out / MANIFEST
     if not manifest.is_file():
@@ -65,7 +69,7 @@ def guard_output(out: Path, request: dict, overwrite: bool) -> None:
         raise UsageError(
             f"{out} exists and is not a cfsp checkpoint; choose another --out or pass --overwrite"
         )
-    previous = read_json(manifest).get("request")
+    previous = read_json(manifest, expect=dict).get("request")
     if previous != request:
         raise UsageError(
             f"{out} already holds a different run ({_describe(previous)}); "
@@ -74,9 +78,9 @@ def guard_output(out: Path, request: dict, overwrite: bool) -> None:
 
 
 def _describe(request: dict | None) -> str:
-    if not request:
+    if not isinstance(request, dict) or not request:
         return "unknown request"
-    prune = request.get("prune", {})
+    prune = request.get("prune") if isinstance(request.get("prune"), dict) else {}
     return f"{request.get('model')} {prune.get('method')} budget {prune.get('budget')}"
 
 

@@ -107,9 +107,9 @@ def eval_cmd(
     from cfsp.evaluate.api import evaluate_model
 
     if out is not None:
-        from cfsp.io import check_writable_parent
+        from cfsp.io import check_output_file
 
-        check_writable_parent(out)
+        check_output_file(out)
     cfg = validate(
         EvalConfig,
         {
@@ -272,22 +272,34 @@ SetOpt = Annotated[
 def _params(path: Path, overrides: list[str] | None = None):
     from cfsp.config import Params, load_params, validate
 
-    params = load_params(path) if path.exists() or str(path) != "params.yaml" else Params()
+    exists = path.exists() or path.is_symlink()
+    params = load_params(path) if exists or str(path) != "params.yaml" else Params()
     if not overrides:
         return params
-    import yaml
-
     data = params.model_dump()
     for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--set {item!r}: expected dotted.key=value")
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        _apply_override(data, item)
     return validate(Params, data, f"{path} with --set")
+
+
+def _apply_override(data: dict, item: str) -> None:
+    """Set one `dotted.key=YAML value` in `data`; a key that walks into a list or a value, or
+    a value that is not YAML, is a usage error naming the override."""
+    from cfsp.config import load_yaml
+
+    key, sep, value = item.partition("=")
+    if not sep or not all(key.split(".")):
+        raise UsageError(f"--set {item!r}: expected dotted.key=value")
+    node = data
+    *parents, leaf = key.split(".")
+    for depth, part in enumerate(parents):
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            where = ".".join(parents[: depth + 1])
+            raise UsageError(
+                f"--set {item!r}: {where} is {type(node).__name__}, not a section with keys"
+            )
+    node[leaf] = load_yaml(value, f"--set {item!r}: the value")
 
 
 @app.command("verify")
@@ -487,6 +499,10 @@ def stage_allocate(
 
     p = _params(params)
     cfg = _prune_cfg(p, method, budget)
+    if plot_data is not None:
+        from cfsp.io import check_output_file
+
+        check_output_file(plot_data)
     info = stages.allocate_stage(model, stats, cfg, out, p.dtype)
     if plot_data is not None:
         from cfsp.io import atomic_file
@@ -590,6 +606,10 @@ def stage_evaluate(
     from cfsp.io import write_json
 
     p = _params(params)
+    if metrics is not None:
+        from cfsp.io import check_output_file
+
+        check_output_file(metrics)
     result = stages.evaluate_stage(model, p.evaluate, out, p.dtype, reference)
     compact = stages.compact_metrics(result)
     if metrics is not None:

@@ -3,8 +3,9 @@ every output. Method presets fill allocation / criterion / reconstruction unless
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
+import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cfsp.errors import UsageError
@@ -22,15 +23,40 @@ Criterion = Literal["cfsp", "act_norm", "wanda_sp", "flap", "magnitude", "random
 Reconstruct = Literal["liar", "bias", "none"]
 
 
+# Upper bounds that keep a request within what one machine can hold: token windows are
+# materialised as int64 ids (2**25 tokens = 256 MiB), and torch seeds are 64-bit.
+MAX_TOKENS = 1 << 25
+MAX_COUNT = 1 << 20  # windows, items, steps: a count beyond this is a typo, not a request
+Seed = Annotated[int, Field(ge=0, le=2**63 - 1, description="torch accepts 64-bit seeds")]
+Count = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys are errors, and no float may be NaN or infinite (an infinite damping or
+    temperature passes `gt=0` and only fails deep inside the linear algebra)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def check_tokens(count: int | None, seqlen: int, where: str) -> None:
+    """Refuse windows x seqlen beyond MAX_TOKENS before anything is allocated."""
+    if count is not None and count * seqlen > MAX_TOKENS:
+        raise ValueError(
+            f"{where}: {count} windows x {seqlen} tokens = {count * seqlen:,} tokens, more than "
+            f"the {MAX_TOKENS:,} one run may hold; lower the count or the seqlen"
+        )
 
 
 class CalibConfig(Strict):
     source: str = "botchan:train"  # embedded; disjoint from the default evaluation text
-    nsamples: int = Field(128, gt=0)
-    seqlen: int = Field(128, gt=0)
-    seed: int = 0
+    nsamples: Count = 128
+    seqlen: Count = 128
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _bounded(self) -> CalibConfig:
+        check_tokens(self.nsamples, self.seqlen, "nsamples x seqlen")
+        return self
 
 
 class AllocateConfig(Strict):
@@ -44,7 +70,7 @@ class AllocateConfig(Strict):
     floor: float = Field(0.05, gt=0, lt=1)
     exponent: float = Field(0.5, ge=0)
     round_to: Literal[1, 8, 64, 128] = 1
-    seed: int = 0
+    seed: Seed = 0
 
 
 class ReconstructConfig(Strict):
@@ -79,30 +105,41 @@ class PruneConfig(AllocateConfig, ReconstructConfig):
 
 
 class CaptureConfig(Strict):
-    batch_size: int = Field(8, gt=0)
+    batch_size: Count = 8
 
 
 class SpeedConfig(Strict):
     """Dense vs pruned speed and memory in one process (cfsp.evaluate.speed)."""
 
     enabled: bool = False
-    batch: int = Field(1, gt=0)
-    seqlen: int = Field(128, gt=0)
-    decode_tokens: int = Field(16, gt=0)
-    warmup: int = Field(1, ge=0)
-    repeats: int = Field(5, gt=0)
+    batch: Count = 1
+    seqlen: Count = 128
+    decode_tokens: Count = 16
+    warmup: int = Field(1, ge=0, le=MAX_COUNT)
+    repeats: Count = 5
     dtypes: list[Literal["float32", "bfloat16", "float16"]] = ["float32", "bfloat16"]
-    seed: int = 0
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _bounded(self) -> SpeedConfig:
+        check_tokens(self.batch, self.seqlen, "speed.batch x speed.seqlen")
+        return self
 
 
 class EvalConfig(Strict):
     perplexity: list[str] = ["botchan:test"]  # embedded; wikitext2/c4 need hub or CFSP_DATA_DIR
-    seqlen: int = Field(128, gt=0)
-    limit: int | None = Field(64, gt=0)
-    batch_tokens: int = Field(4096, gt=0)
+    # The causal-LM loss predicts token t+1 from t: a window of 1 token has nothing to score.
+    seqlen: int = Field(128, ge=2, le=MAX_COUNT)
+    limit: int | None = Field(64, gt=0, le=MAX_COUNT)
+    batch_tokens: int = Field(4096, gt=0, le=MAX_TOKENS)
     tasks: list[str] = []  # zero-shot through lm-eval: piqa, arc_easy, boolq, winogrande, ...
-    task_limit: int | None = Field(200, gt=0)
+    task_limit: int | None = Field(200, gt=0, le=MAX_COUNT)
     speed: SpeedConfig = SpeedConfig()  # measured against `reference` (the dense model)
+
+    @model_validator(mode="after")
+    def _bounded(self) -> EvalConfig:
+        check_tokens(self.limit, self.seqlen, "limit x seqlen")
+        return self
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -114,15 +151,20 @@ class RecoverConfig(Strict):
     enabled: bool = False
     mode: Literal["ig", "uniform"] = "ig"  # ig: rank per block from coarse importance
     source: str = "c4"  # training text; keep it disjoint from the evaluation text
-    nsamples: int = Field(256, gt=0)
-    rank: int = Field(8, ge=1)
+    nsamples: Count = 256
+    rank: int = Field(8, ge=1, le=MAX_COUNT)
     alpha: float = Field(16.0, gt=0)
     targets: list[str] = Field(default_factory=lambda: list(LORA_TARGETS), min_length=1)
     lr: float = Field(2e-4, gt=0)
-    steps: int = Field(100, ge=1)
-    seqlen: int = Field(128, ge=2)
-    batch: int = Field(4, ge=1)
-    seed: int = 0
+    steps: int = Field(100, ge=1, le=MAX_COUNT)
+    seqlen: int = Field(128, ge=2, le=MAX_COUNT)
+    batch: int = Field(4, ge=1, le=MAX_COUNT)
+    seed: Seed = 0
+
+    @model_validator(mode="after")
+    def _bounded(self) -> RecoverConfig:
+        check_tokens(self.nsamples, self.seqlen, "recover.nsamples x recover.seqlen")
+        return self
 
 
 class TrackingConfig(Strict):
@@ -150,9 +192,9 @@ class RunnerConfig(Strict):
 class Params(Strict):
     """params.yaml: what to compress (models x budgets x methods) and one section per stage."""
 
-    models: list[str] = ["smollm2-135m"]
-    budgets: list[float] = [0.3]
-    methods: list[str] = ["cfsp"]
+    models: list[str] = Field(default_factory=lambda: ["smollm2-135m"], min_length=1)
+    budgets: list[float] = Field(default_factory=lambda: [0.3], min_length=1)
+    methods: list[str] = Field(default_factory=lambda: ["cfsp"], min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     output: str = "out"
     prepare: CalibConfig = CalibConfig()
@@ -166,6 +208,11 @@ class Params(Strict):
 
     @model_validator(mode="after")
     def _check_grid(self) -> Params:
+        for key in ("models", "budgets", "methods"):
+            values = getattr(self, key)
+            repeated = sorted({str(v) for v in values if values.count(v) > 1})
+            if repeated:
+                raise ValueError(f"{key}: {', '.join(repeated)} listed twice (one run each)")
         for budget in self.budgets:
             if not 0.0 <= budget < 1.0:
                 raise ValueError(f"budgets: {budget} is not in [0, 1)")
@@ -178,6 +225,10 @@ class Params(Strict):
         return self
 
 
+# Keys a method variant may not set: each run's budget and preset come from the grid.
+GRID_KEYS = {"budget": "budgets", "method": "methods"}
+
+
 def parse_variant(variant: str) -> tuple[str, dict]:
     """`PRESET[+key=value...]` -> (preset, overrides), e.g. `flap+reconstruct=liar` or
     `cfsp+structures=ffn+heads` (a '+' starts a new override only before `key=`)."""
@@ -187,6 +238,13 @@ def parse_variant(variant: str) -> tuple[str, dict]:
     overrides = {}
     for item in items:
         key, _, value = item.partition("=")
+        if key in GRID_KEYS:
+            raise ValueError(
+                f"method variant {variant!r}: {key!r} is set by the grid "
+                f"({GRID_KEYS[key]} in params.yaml), not by a variant"
+            )
+        if key in overrides:
+            raise ValueError(f"method variant {variant!r}: {key!r} is given twice")
         overrides[key] = int(value) if key == "round_to" and value.isdigit() else value
     if "+" in method or "=" in method:
         raise ValueError(f"method variant {variant!r}: expected PRESET[+key=value...]")
@@ -205,21 +263,43 @@ def load_params(path) -> Params:
     """Read and validate params.yaml before any work starts."""
     from pathlib import Path
 
-    import yaml
+    from cfsp.io import check_regular_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"params file {path} does not exist")
+    path = check_regular_file(Path(path), "params file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise UsageError(f"{path} is not valid YAML{where}: {problem}") from err
+        raw = load_yaml(path.read_bytes().decode("utf-8"), str(path)) or {}
+    except UnicodeDecodeError as err:
+        raise UsageError(f"{path} is not UTF-8 text (byte {err.start}); save it as UTF-8") from err
     if not isinstance(raw, dict):
         raise UsageError(f"{path} must hold a mapping of sections")
     return validate(Params, raw, str(path))
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader, except that a key given twice in one mapping is an error: the plain
+    loader keeps the last value silently (`budgets:` twice runs only the second grid)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str, where: str):
+    """Parse YAML with `UniqueKeyLoader`; any problem is one UsageError naming line and column."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # a SafeLoader subclass: safe
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise UsageError(f"{where} is not valid YAML{at}: {problem}") from err
 
 
 def validate(model_cls: type[Strict], values: dict, where: str = "parameters") -> Strict:

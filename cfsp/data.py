@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from cfsp.errors import CfspError, UsageError
-from cfsp.io import sha256_text
+from cfsp.io import check_regular_file, sha256_text
 
 ALIASES = ("botchan", "self", "wikitext2", "c4", "ptb")
 BOTCHAN_PARTS = ("train", "test")
@@ -84,34 +84,55 @@ def local_data_dir() -> Path | None:
     """The folder of local corpus copies: CFSP_DATA_DIR, or None. Never guessed from where the
     package or the working directory happens to be: a run's data is what its user named."""
     env = os.environ.get("CFSP_DATA_DIR")
-    return Path(env).expanduser() if env else None
+    if not env:
+        return None
+    root = Path(env).expanduser()
+    if not root.is_dir():
+        state = "is not a directory" if root.exists() else "does not exist"
+        raise UsageError(f"CFSP_DATA_DIR={env} {state}; point it at the local data folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise UsageError(f"CFSP_DATA_DIR={env} cannot be read")
+    return root
 
 
 def _read_file(path: Path) -> str:
-    if not path.is_file():
-        raise UsageError(f"text file {path} does not exist")
+    check_regular_file(path, "text file")
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
-            rows = [
-                json.loads(line)
-                for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip()
-            ]
-            return "\n\n".join(str(row["text"]) for row in rows)
+            lines = path.read_text(encoding="utf-8").splitlines()
+            rows = [(n, json.loads(line)) for n, line in enumerate(lines, 1) if line.strip()]
+            return "\n\n".join(_row_text(path, n, row) for n, row in rows)
         if suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            return "\n\n".join(pq.read_table(path, columns=["text"]).column("text").to_pylist())
+            values = pq.read_table(path, columns=["text"]).column("text").to_pylist()
+            return "\n\n".join(_row_text(path, n, {"text": v}) for n, v in enumerate(values, 1))
         return path.read_text(encoding="utf-8")
-    except (KeyError, json.JSONDecodeError) as err:
+    except json.JSONDecodeError as err:
         raise UsageError(
             f"{path}: expected one JSON object with a 'text' field per line ({err})"
         ) from err
+    except UsageError:
+        raise
     except UnicodeDecodeError as err:
         raise UsageError(f"{path} is not UTF-8 text") from err
     except Exception as err:  # pyarrow raises its own types for a bad parquet
         raise UsageError(f"cannot read {path}: {err}") from err
+
+
+def _row_text(path: Path, row_number: int, row) -> str:
+    """The text of one JSONL / parquet row; a missing, null or non-string text is an error,
+    never the string "None" or "123" silently calibrated on."""
+    text = row.get("text") if isinstance(row, dict) else None
+    if not isinstance(text, str):
+        got = (
+            "no 'text' field"
+            if not isinstance(row, dict) or "text" not in row
+            else ("text null" if text is None else f"text of type {type(text).__name__}")
+        )
+        raise UsageError(f"{path}: row {row_number} has {got}; every row needs a string 'text'")
+    return text
 
 
 def _wikitext_rows_text(lines: list[str]) -> str:
@@ -150,11 +171,11 @@ def _local(alias: str, split: str) -> Path:
             f"{spec}: the hub is not reachable and CFSP_DATA_DIR is not set (set it to a "
             f"folder holding {relative}, or use the embedded botchan / self text)"
         )
-    if not (root / relative).is_file():
+    if not (root / relative).exists():
         raise UsageError(
             f"{spec}: the hub is not reachable and CFSP_DATA_DIR={root} has no {relative}"
         )
-    return root / relative
+    return check_regular_file(root / relative, f"{spec} copy")
 
 
 def _alias_text(name: str, split: str | None) -> Text:
@@ -261,8 +282,11 @@ def check_source(spec: str, purpose: str) -> None:
             raise UsageError(f"'self' text is for calibration only; give real text for {purpose}")
     elif name == "file":
         path = Path(part).expanduser()
-        if not part or not path.is_file():
+        if not part:
+            raise UsageError(f"{purpose} text {spec!r}: give a path after 'file:'")
+        if not path.exists() and not path.is_symlink():
             raise UsageError(f"{purpose} text {spec!r}: file {path} does not exist")
+        check_regular_file(path, f"{purpose} text")
     elif name == "hf":
         bits = part.split(":")
         if not bits[0] or len(bits) > 3:

@@ -55,17 +55,26 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig
 
     from cfsp.modeling_cfsp import resize_to_layer_widths
+    from cfsp.models import check_checkpoint_dir
 
     directory = Path(directory)
+    check_checkpoint_dir(directory)  # regular files, sound headers: before anything is read
     config = AutoConfig.from_pretrained(directory)
     if hasattr(config, "auto_map"):
         del config.auto_map  # build with the stock class; resizing is done here, not remotely
     model = _empty_model(config)
-    resize_to_layer_widths(model, config)
     state = {}
     for path in sorted(directory.glob("*.safetensors")):
         state.update(load_file(str(path)))
-    result = model.load_state_dict(state, strict=False)
+    try:  # edited widths (cfsp_layer_widths) that do not fit the weights: one clear error
+        resize_to_layer_widths(model, config)
+        result = model.load_state_dict(state, strict=False)
+    except (RuntimeError, ValueError, TypeError, LookupError, ArithmeticError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CfspError(
+            f"checkpoint {directory}: cfsp_layer_widths in config.json do not match the "
+            f"weights ({first})"
+        ) from err
     model.tie_weights()
     missing = [k for k in result.missing_keys if not _is_tied(model, k)]
     if missing or result.unexpected_keys:
@@ -81,7 +90,7 @@ def _is_tied(model, key: str) -> bool:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    return read_json(Path(directory) / MANIFEST)
+    return read_json(Path(directory) / MANIFEST, expect=dict)
 
 
 def verify_checkpoint(directory: str | Path) -> list[str]:
@@ -89,6 +98,8 @@ def verify_checkpoint(directory: str | Path) -> list[str]:
     directory = Path(directory)
     manifest = read_manifest(directory)
     recorded = manifest.get("weights_sha256") or {}
+    if not isinstance(recorded, dict):
+        return [f"weights_sha256 in {MANIFEST} is not a mapping of file names to hashes"]
     actual = weight_hashes(directory)
     problems = [
         f"{name}: recorded in the manifest but missing" for name in recorded if name not in actual

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ from cfsp.errors import CfspError, UsageError
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open(check_regular_file(path), "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
@@ -33,12 +34,113 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def check_writable_parent(path: str | Path) -> Path:
-    """Fail early, before any work, if `path` cannot be created."""
+# Names of the files that mark a folder as a cfsp output (a checkpoint, or a stage's output).
+OUTPUT_MARKERS = (
+    "cfsp_manifest.json",
+    "prepare.json",
+    "capture.json",
+    "allocation.json",
+    "evaluate.json",
+)
+# A temporary name adds `.NAME.tmp-XXXXXXXX` (or `.old-`) to an output's name.
+_TEMP_NAME_EXTRA = 16
+
+
+def check_regular_file(path: str | Path, what: str = "") -> Path:
+    """Refuse anything but a regular file (after symlinks) before it is opened.
+
+    Opening a FIFO blocks until a writer appears (forever), and a device such as /dev/zero
+    never ends; only regular files are read as weights, tokens, manifests, params or text.
+    """
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            raise UsageError(f"{name} is a dangling symbolic link") from None
+        raise UsageError(f"{name} does not exist") from None
+    except OSError as err:
+        raise UsageError(f"{name} cannot be read: {err.strerror}") from err
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{name} is {_kind(mode)}, not a regular file")
+    return path
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
+def _protected(path: Path) -> str | None:
+    """Why `path` must never be replaced by an output: the root, home, the working directory
+    or a folder above it (replacing one deletes what the user is standing in)."""
+    real = path.resolve()
+    if real == Path(real.anchor):
+        return "the root directory"
+    if real == Path.home().resolve():
+        return "the home directory"
+    try:
+        cwd = Path.cwd().resolve()
+    except OSError:  # the working directory was deleted: nothing to protect there
+        return None
+    if real == cwd or real in cwd.parents:
+        return "the current directory" if real == cwd else "a parent of the current directory"
+    return None
+
+
+def check_output_path(path: str | Path) -> Path:
+    """The checks every output shares, by name and type only (nothing is created).
+
+    An output path must not be a symbolic link (dangling, or pointing at another artifact that
+    the rename would not replace), nor a protected folder, and every name must leave room for
+    the temporary name it is written under (or the write fails after all the work).
+    """
     path = Path(path).expanduser().absolute()
+    limit = _name_max(path)
+    for part in path.parts[1:]:  # first: a stat of an over-long name fails with ENAMETOOLONG
+        if len(part.encode()) + _TEMP_NAME_EXTRA > limit:
+            raise UsageError(
+                f"output location {path}: the name {part[:24]}... has {len(part.encode())} "
+                f"bytes; at most {limit - _TEMP_NAME_EXTRA} are allowed (file names are limited "
+                f"to {limit} and cfsp writes under a temporary name first)"
+            )
+    if path.is_symlink():
+        target = os.readlink(path)
+        state = "dangling " if not path.exists() else ""
+        raise UsageError(
+            f"output location {path} is a {state}symbolic link (to {target}); give a real path"
+        )
+    reason = _protected(path)
+    if reason:
+        raise UsageError(f"output location {path} is {reason}; cfsp never replaces it")
+    return path
+
+
+def _name_max(path: Path) -> int:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
+    try:
+        return os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def check_writable_parent(path: str | Path) -> Path:
+    """Fail early, before any work, if `path` cannot be created."""
+    path = check_output_path(path)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UsageError(f"output location {path} is not writable ({parent} is not a directory)")
     try:  # a real probe: os.access says yes to root even where writes fail (/proc, read-only)
         probe = tempfile.mkdtemp(prefix=".cfsp-probe-", dir=parent)
         os.rmdir(probe)
@@ -49,6 +151,44 @@ def check_writable_parent(path: str | Path) -> Path:
     if path.suffix == "" and path.is_file():  # one stat: a concurrent writer may be renaming it
         raise UsageError(f"output location {path} exists and is not a directory")
     return path
+
+
+def check_output_file(path: str | Path) -> Path:
+    """`check_writable_parent` for a file output: an existing folder there is refused now,
+    not after the work, when the final rename would fail."""
+    path = check_writable_parent(path)
+    if path.is_dir():
+        raise UsageError(f"output file {path} is an existing directory; give a file name")
+    return path
+
+
+def check_replaceable(path: str | Path) -> Path:
+    """An existing output folder may be replaced only if it is empty or a cfsp output.
+
+    `--overwrite` (and every stage, which always replaces its output) deletes the old folder;
+    a folder without a cfsp marker file is someone's data, and is never deleted.
+    """
+    path = Path(path).expanduser().absolute()
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise UsageError(f"output location {path} exists and is not a directory")
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError as err:
+        raise UsageError(f"output location {path} cannot be listed: {err.strerror}") from err
+    if names and not names.intersection(OUTPUT_MARKERS):
+        raise UsageError(
+            f"{path} is not empty and is not a cfsp output (no {OUTPUT_MARKERS[0]}); cfsp "
+            "replaces only its own outputs or an empty folder, even with --overwrite: choose "
+            "another --out"
+        )
+    return path
+
+
+def check_output_dir(path: str | Path) -> Path:
+    """`check_writable_parent` and `check_replaceable`: a folder output that may be written."""
+    return check_replaceable(check_writable_parent(path))
 
 
 @contextlib.contextmanager
@@ -109,7 +249,7 @@ def _publish(tmp: Path, dest: Path, attempts: int = 100) -> None:
 @contextlib.contextmanager
 def atomic_file(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary file path that is renamed to `dest` only if the block succeeds."""
-    dest = check_writable_parent(dest)
+    dest = check_output_file(dest)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.tmp-", dir=dest.parent)
@@ -134,11 +274,26 @@ def write_json(dest: str | Path, payload: Any) -> Path:
     return Path(dest)
 
 
-def read_json(path: str | Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"{path} does not exist")
+def read_json(path: str | Path, expect: type | None = None) -> Any:
+    """Parse a JSON file; with `expect` (dict, list), refuse any other top-level structure
+    now rather than fail later with a KeyError or AttributeError deep inside a stage."""
+    path = check_regular_file(path)
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise CfspError(f"{path} is not UTF-8 text (byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise CfspError(f"{path} is not valid JSON: {err}") from err
+    if expect is not None and not isinstance(data, expect):
+        names = {dict: "a JSON object", list: "a JSON array"}
+        raise CfspError(
+            f"{path} holds {_json_kind(data)}, expected {names.get(expect, expect.__name__)}"
+        )
+    return data
+
+
+def _json_kind(data: Any) -> str:
+    kinds = {dict: "a JSON object", list: "a JSON array", str: "a string", bool: "a boolean"}
+    if data is None:
+        return "null"
+    return kinds.get(type(data), "a number")

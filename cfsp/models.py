@@ -18,6 +18,7 @@ import torch
 from cfsp.arch import adapter_for
 from cfsp.embedded import SMOLLM2_NAME, load_gguf, smollm2_checkpoint
 from cfsp.errors import CfspError, UsageError
+from cfsp.io import check_regular_file
 
 DEFAULT_MODEL = SMOLLM2_NAME
 ALIASES = {SMOLLM2_NAME: SMOLLM2_NAME, "default": SMOLLM2_NAME, "smollm2": SMOLLM2_NAME}
@@ -40,8 +41,20 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+# Bytes per element of every dtype name the safetensors format defines.
+SAFETENSORS_DTYPES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+    "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
 def check_safetensors(path: Path) -> None:
-    """Fail with a clear message if a safetensors file is truncated or its header is corrupt."""
+    """Fail with a clear message if a safetensors file is truncated or its header is corrupt.
+
+    Every tensor's dtype must be a known name and its shape x element size must equal its byte
+    range; the ranges must end where the file ends. Only the header is read.
+    """
+    check_regular_file(path, "weights file")
     size = path.stat().st_size
     try:
         with open(path, "rb") as handle:
@@ -49,15 +62,53 @@ def check_safetensors(path: Path) -> None:
             if header_len > size - 8:
                 raise ValueError("header length exceeds file size")
             header = json.loads(handle.read(header_len))
-        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    except (struct.error, ValueError, KeyError, TypeError) as err:
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        ends = [_tensor_end(k, v) for k, v in header.items() if k != "__metadata__"]
+    except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
         raise CfspError(f"corrupt safetensors file {path}: {err}") from err
     expected = 8 + header_len + max(ends, default=0)
     if size != expected:
         raise CfspError(f"corrupt safetensors file {path}: {size} bytes, header says {expected}")
 
 
+def _tensor_end(name: str, entry: dict) -> int:
+    """The end offset of one header entry, after checking its dtype, shape and byte range."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{name}: entry is not an object")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in SAFETENSORS_DTYPES:
+        raise ValueError(f"{name}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(_natural(n) for n in shape):
+        raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_natural, offsets))):
+        raise ValueError(f"{name}: data_offsets {offsets!r} is not [begin, end]")
+    elements = 1
+    for n in shape:
+        elements *= n
+    if offsets[1] - offsets[0] != elements * SAFETENSORS_DTYPES[dtype]:
+        raise ValueError(
+            f"{name}: shape {shape} of {dtype} needs {elements * SAFETENSORS_DTYPES[dtype]} "
+            f"bytes, its range {offsets} holds {offsets[1] - offsets[0]}"
+        )
+    return offsets[1]
+
+
+def _natural(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0
+
+
+def _few(names: list[str], shown: int = 3) -> str:
+    more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
+    return ", ".join(sorted(names)[:shown]) + more
+
+
 def check_checkpoint_dir(path: Path) -> None:
+    """A model directory cfsp may read: config.json, safetensors weights with sound headers,
+    and nothing that is not a regular file where a file is expected (a FIFO blocks forever)."""
+    for entry in path.iterdir():
+        if not entry.is_dir():
+            check_regular_file(entry)
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} has no config.json: not a Hugging Face model directory")
     weights = sorted(path.glob("*.safetensors"))
@@ -67,6 +118,22 @@ def check_checkpoint_dir(path: Path) -> None:
         raise UsageError(f"{path} holds no .safetensors weights{hint}")
     for weight_file in weights:
         check_safetensors(weight_file)
+
+
+def check_loading_info(path: Path, model, info: dict) -> None:
+    """Strict loading: a tensor missing from the files would be left randomly initialised, and
+    an unexpected or mis-shaped one means the weights are not this config's model."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    missing = [k for k in info.get("missing_keys", []) if not (tied and k == "lm_head.weight")]
+    unexpected = list(info.get("unexpected_keys", []))
+    mismatched = [str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys", [])]
+    found = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+    problems = [f"{label} {_few(keys)}" for label, keys in found if keys]
+    if problems:
+        raise CfspError(
+            f"weights in {path} do not match its config.json ({'; '.join(problems)}); "
+            "refusing to fill them with random values"
+        )
 
 
 def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
@@ -81,11 +148,17 @@ def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
         model = load_pruned(path, dtype=dtype)
     else:
         try:
-            model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            model, info = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=dtype,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below by name, then refused
             )
         except (OSError, ValueError, RuntimeError) as err:
             raise CfspError(f"could not load weights from {path}: {err}") from err
+        check_loading_info(path, model, info)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as err:
@@ -177,6 +250,9 @@ def check_model_spec(spec: str, trust_remote_code: bool = False) -> None:
 
     path = Path(spec).expanduser()
     if spec in ALIASES:
+        from cfsp.home import cache_dir
+
+        cache_dir("models")  # a CFSP_HOME that cannot hold the converted model fails now
         return
     if spec.endswith(".gguf"):
         if not path.is_file():

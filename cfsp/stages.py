@@ -19,7 +19,7 @@ import logging
 import time
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cfsp.api import build_manifest
@@ -30,7 +30,7 @@ from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_ha
 from cfsp.errors import CfspError, UsageError
 from cfsp.evaluate.api import count_params, evaluate_model
 from cfsp.export import read_manifest, save_checkpoint
-from cfsp.io import atomic_dir, check_writable_parent, read_json, write_json
+from cfsp.io import atomic_dir, check_output_dir, read_json, write_json
 from cfsp.models import check_safetensors, load_model
 from cfsp.plots import allocation_plot, loss_plot
 
@@ -45,20 +45,33 @@ METRICS = "metrics.json"
 def _load_tokens(path: Path) -> TokenWindows:
     path = Path(path)
     path = path / TOKENS if path.is_dir() else path
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UsageError(f"calibration tokens {path} do not exist; run the prepare stage first")
     check_safetensors(path)  # a truncated file: one clear error, not the reader's traceback
-    with safe_open(str(path), "pt") as handle:
-        ids = handle.get_tensor("ids")
-        fingerprint = json.loads(handle.metadata()["fingerprint"])
-    if tensor_hash(ids) != fingerprint["hash"]:
+    try:
+        with safe_open(str(path), "pt") as handle:
+            ids = handle.get_tensor("ids")
+            fingerprint = json.loads((handle.metadata() or {})["fingerprint"])
+        if not isinstance(fingerprint, dict) or ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError("expected integer ids [windows, seqlen] and a fingerprint object")
+        recorded = fingerprint["hash"]
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError, SafetensorError) as err:
+        raise CfspError(f"{path} is not a calibration tokens file ({_what(err)})") from err
+    if tensor_hash(ids) != recorded:
         raise CfspError(f"{path}: token ids do not match their recorded hash (corrupt file)")
     return TokenWindows(ids, fingerprint)
 
 
+def _what(err: BaseException) -> str:
+    """A one-line description of a parsing error (a KeyError prints only the key)."""
+    if isinstance(err, KeyError):
+        return f"no {err.args[0]!r} entry"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
 def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float32") -> dict:
     """Tokenize the calibration source into N x L windows; returns the fingerprint."""
-    check_writable_parent(out)
+    check_output_dir(out)
     check_source(calib.source, "calibration")
     loaded = load_model(model_spec, dtype=dtype)
     windows = calibration_windows(
@@ -79,7 +92,7 @@ def capture_stage(
     model_spec: str, tokens: Path, out: Path, batch_size: int = 8, dtype: str = "float32"
 ) -> dict:
     """One pass over the calibration tokens; writes per-block statistics."""
-    check_writable_parent(out)
+    check_output_dir(out)
     windows = _load_tokens(tokens)
     loaded = load_model(model_spec, dtype=dtype)
     stats = capture(loaded.model, windows, batch_size=batch_size)
@@ -100,17 +113,20 @@ def capture_stage(
 def _load_stats(path: Path) -> Statistics:
     path = Path(path)
     path = path / STATS if path.is_dir() else path
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         raise UsageError(f"statistics {path} do not exist; run the capture stage first")
     check_safetensors(path)
-    return Statistics.load(path)
+    try:
+        return Statistics.load(path)
+    except (KeyError, TypeError, ValueError, IndexError, SafetensorError) as err:
+        raise CfspError(f"{path} is not a statistics file ({_what(err)})") from err
 
 
 def allocate_stage(
     model_spec: str, stats_path: Path, cfg: PruneConfig, out: Path, dtype: str = "float32"
 ) -> dict:
     """Per-block keep ratios and kept indices, with a plot against the angular distances."""
-    check_writable_parent(out)
+    check_output_dir(out)
     stats = _load_stats(stats_path)
     loaded = load_model(model_spec, dtype=dtype)
     start = time.perf_counter()
@@ -144,7 +160,7 @@ def _slice(
     dtype: str,
     tokens: Path | None,
 ) -> dict:
-    check_writable_parent(out)
+    check_output_dir(out)
     stats = _load_stats(stats_path)
     windows = _load_tokens(tokens) if tokens is not None else None
     loaded = load_model(model_spec, dtype=dtype)
@@ -176,7 +192,13 @@ def prune_stage(
     cfg = cfg.model_copy(update={"reconstruct": "none"})
     alloc_file = Path(allocation_path)
     alloc_file = alloc_file / ALLOCATION if alloc_file.is_dir() else alloc_file
-    alloc = Allocation.from_dict(read_json(alloc_file))
+    data = read_json(alloc_file, expect=dict)
+    try:
+        alloc = Allocation.from_dict(data)
+        if len(alloc.keep_ratios) != len(alloc.blocks):
+            raise ValueError("keep_ratios and blocks differ in length")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CfspError(f"{alloc_file} is not an allocation ({_what(err)})") from err
     return _slice(model_spec, stats_path, alloc, cfg, out, dtype, None)
 
 
@@ -190,8 +212,13 @@ def reconstruct_stage(
     dtype: str = "float32",
 ) -> dict:
     """Slice again with the pruned inputs folded into the kept ones (cfg.reconstruct)."""
-    pruned = read_manifest(pruned_dir)["prune"]
-    alloc = Allocation.from_dict({"keep_ratios": pruned["keep_ratios"], "blocks": pruned["kept"]})
+    try:
+        pruned = read_manifest(pruned_dir)["prune"]
+        alloc = Allocation.from_dict(
+            {"keep_ratios": pruned["keep_ratios"], "blocks": pruned["kept"]}
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise CfspError(f"{pruned_dir}: its manifest records no pruning ({_what(err)})") from err
     return _slice(
         model_spec,
         stats_path,
@@ -233,7 +260,7 @@ def recover_stage(
     from cfsp.allocate import block_scores
     from cfsp.recover import recover
 
-    check_writable_parent(out)
+    check_output_dir(out)
     model_dir = Path(model_dir)
     if not cfg.enabled:
         with atomic_dir(out) as tmp:
@@ -241,7 +268,12 @@ def recover_stage(
         return {"enabled": False}
     stats_dir = Path(stats_path)
     stats_dir = stats_dir if stats_dir.is_dir() else stats_dir.parent
-    angular = torch.tensor(read_json(stats_dir / "capture.json")["angular"])
+    try:
+        angular = torch.tensor(read_json(stats_dir / "capture.json", expect=dict)["angular"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CfspError(
+            f"{stats_dir}/capture.json records no angular distances ({_what(err)})"
+        ) from err
     importance = block_scores(angular, temperature, control).tolist()
     loaded = load_model(str(model_dir), dtype=dtype)
     windows = calibration_windows(
@@ -274,7 +306,7 @@ def evaluate_stage(
 ) -> dict:
     """Perplexity on each source at cfg.seqlen, parameter count, zero-shot accuracy and speed
     against `reference` when configured -> out/metrics.json."""
-    check_writable_parent(out)
+    check_output_dir(out)
     metrics = evaluate_model(str(model_dir), cfg, dtype, reference=reference)
     with atomic_dir(out) as tmp:
         write_json(tmp / METRICS, metrics)
