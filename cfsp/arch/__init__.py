@@ -4,12 +4,18 @@ below, and add its tiny config to tests/conftest.py so the contract suite runs a
 from __future__ import annotations
 
 from cfsp.arch.base import BlockParts, BlockWidths, DecoderAdapter
+from cfsp.arch.gemma3 import Gemma3Adapter
 from cfsp.arch.llama import LlamaAdapter
 from cfsp.arch.mistral import MistralAdapter
 from cfsp.arch.qwen2 import Qwen2Adapter
 from cfsp.errors import UsageError
 
-ADAPTERS: tuple[type[DecoderAdapter], ...] = (LlamaAdapter, MistralAdapter, Qwen2Adapter)
+ADAPTERS: tuple[type[DecoderAdapter], ...] = (
+    LlamaAdapter,
+    MistralAdapter,
+    Qwen2Adapter,
+    Gemma3Adapter,
+)
 SUPPORTED = sorted(t for a in ADAPTERS for t in a.model_types)
 
 
