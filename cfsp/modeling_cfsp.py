@@ -81,3 +81,10 @@ try:  # classes for auto_map; absent families simply are not offered
     CfspQwen2ForCausalLM = _remote_class(Qwen2ForCausalLM)
 except ImportError:  # pragma: no cover
     pass
+
+try:  # Gemma 3 text (gemma3_text): same roles; q_norm / k_norm are per head_dim and stay
+    from transformers import Gemma3ForCausalLM
+
+    CfspGemma3ForCausalLM = _remote_class(Gemma3ForCausalLM)
+except ImportError:  # pragma: no cover
+    pass

@@ -21,7 +21,7 @@ def _logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "mistral-gqa", "qwen2-gqa"])
+@pytest.mark.parametrize("name", ["llama-gqa", "mistral-gqa", "qwen2-gqa", "gemma3-kv1"])
 @pytest.mark.parametrize("reconstruct", ["none", "liar"])
 def test_uniform_roundtrip_with_stock_loader(tmp_path, tiny_tokenizer, name, reconstruct):
     model, windows = _prune(
@@ -37,7 +37,7 @@ def test_uniform_roundtrip_with_stock_loader(tmp_path, tiny_tokenizer, name, rec
         torch.testing.assert_close(_logits(stock, windows.ids), ref)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-gqa", "gemma3-kv1"])
 def test_per_block_roundtrip(tmp_path, tiny_tokenizer, name):
     model, windows = _prune(
         name, PruneConfig(budget=0.4, method="cfsp", temperature=0.2, structures="ffn+heads")
