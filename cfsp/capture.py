@@ -7,10 +7,11 @@ For the input X [T, n] of o_proj (n = heads * head_dim) and of down_proj (n = FF
 Mean, variance, L2 norm and covariance all follow from these (see `ChannelStats`).
 
 Streaming: the first block's inputs are caught by a hook on the unmodified model (the model's
-own embedding and mask/rotary code runs, nothing is re-implemented), then each block runs on
-the previous block's outputs, which replace its inputs in place. Memory: the model, one set of
-activations [N, L, d], and the statistics of one block. The Gram product of each batch runs in
-float32 (fast BLAS), the sums across batches are float64.
+own embedding and mask/rotary code runs, nothing is re-implemented; models whose layer types
+get different masks / rotary tables run on to the first block of each type to catch those),
+then each block runs on the previous block's outputs, which replace its inputs in place.
+Memory: the model, one set of activations [N, L, d], and the statistics of one block. The Gram
+product of each batch runs in float32 (fast BLAS), the sums across batches are float64.
 """
 
 from __future__ import annotations
@@ -145,31 +146,65 @@ class _StopForward(Exception):
     pass
 
 
+def layer_type(block) -> str | None:
+    """Which inputs the model passes a block besides the hidden states.
+
+    Models whose blocks get different masks / rotary tables (Gemma 3's sliding and global
+    layers, Qwen2/3 with sliding layers) index them by `config.layer_types[i]`, which
+    transformers also stores on the block's attention as `layer_type`; None elsewhere.
+    """
+    return getattr(getattr(block, "self_attn", None), "layer_type", None)
+
+
+class BlockKwargs(dict):
+    """One batch's keyword arguments for the blocks (mask, rotary, ...), per layer type."""
+
+    def for_block(self, block) -> dict:
+        return self[layer_type(block)]
+
+
 def first_block_inputs(model, ids: torch.Tensor, batch_size: int):
     """Run the model's own embedding/mask/rotary code and catch what enters block 0.
 
-    Returns ([hidden [B, L, d] per batch], [kwargs per batch]), on the CPU.
+    The keyword arguments are caught at the first block of every layer type (the forward stops
+    there; with a single type, at block 0). Returns ([hidden [B, L, d] per batch],
+    [BlockKwargs per batch]), on the CPU.
     """
     adapter = adapter_for(model)
-    first = adapter.layers(model)[0]
+    layers = adapter.layers(model)
+    firsts: dict[str | None, int] = {}
+    for index, block in enumerate(layers):
+        firsts.setdefault(layer_type(block), index)
+    last = max(firsts.values())
     caught: dict = {}
 
-    def hook(_module, args, kwargs):
-        caught["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        caught["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _StopForward
+    def catch(kind: str | None, index: int):
+        def hook(_module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if index == 0:
+                caught["hidden"] = hidden
+            caught["kwargs"][kind] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+            if index == last:
+                raise _StopForward
 
-    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+        return hook
+
+    handles = [
+        layers[index].register_forward_pre_hook(catch(kind, index), with_kwargs=True)
+        for kind, index in firsts.items()
+    ]
     device = next(model.parameters()).device
     hiddens, kwargs_list = [], []
     try:
         for start in range(0, ids.shape[0], batch_size):
-            with contextlib.suppress(_StopForward):  # raised by the hook once block 0 is reached
+            caught["kwargs"] = BlockKwargs()
+            with contextlib.suppress(_StopForward):  # raised by the hook of the last block needed
                 model(ids[start : start + batch_size].to(device), use_cache=False)
             hiddens.append(caught["hidden"].detach())
             kwargs_list.append(caught["kwargs"])
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return hiddens, kwargs_list
 
 
@@ -226,6 +261,8 @@ def run_block(
 
 
 def block_forward(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    if isinstance(kwargs, BlockKwargs):
+        kwargs = kwargs.for_block(block)
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 

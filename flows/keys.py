@@ -7,7 +7,7 @@ import json
 import re
 from pathlib import Path
 
-from cfsp.embedded import SMOLLM2_WHEEL
+from cfsp.embedded import EMBEDDED
 from cfsp.models import ALIASES
 
 
@@ -19,7 +19,7 @@ def digest(*parts) -> str:
 def model_key(spec: str) -> str:
     """Identify a model's content cheaply: pinned wheel, or file names/sizes/mtimes."""
     if spec in ALIASES:
-        return f"{ALIASES[spec]}@{SMOLLM2_WHEEL}"
+        return f"{ALIASES[spec]}@{EMBEDDED[ALIASES[spec]].revision}"
     path = Path(spec).expanduser()
     if path.exists():
         files = sorted(path.glob("*")) if path.is_dir() else [path]

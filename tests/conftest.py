@@ -35,6 +35,18 @@ TINY = {
         "phi3",
         dict(num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2),
     ),
+    # one KV head (only query heads can go); a sliding and a global block with their own masks
+    # and rope bases; head_dim 8 != hidden / heads
+    "gemma3-kv1": (
+        "gemma3_text",
+        dict(
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            layer_types=["sliding_attention", "full_attention"],
+            sliding_window=4,
+            query_pre_attn_scalar=8,
+        ),
+    ),
 }
 
 

@@ -4,6 +4,7 @@ below, and add its tiny config to tests/conftest.py so the contract suite runs a
 from __future__ import annotations
 
 from cfsp.arch.base import BlockParts, BlockWidths, DecoderAdapter
+from cfsp.arch.gemma3 import Gemma3Adapter
 from cfsp.arch.llama import LlamaAdapter
 from cfsp.arch.mistral import MistralAdapter
 from cfsp.arch.phi3 import Phi3Adapter
@@ -17,6 +18,7 @@ ADAPTERS: tuple[type[DecoderAdapter], ...] = (
     Qwen2Adapter,
     Qwen3Adapter,
     Phi3Adapter,
+    Gemma3Adapter,
 )
 SUPPORTED = sorted(t for a in ADAPTERS for t in a.model_types)
 
