@@ -20,8 +20,8 @@ import torch
 from cfsp.arch import SUPPORTED, adapter_for
 from cfsp.embedded import DEFAULT_EMBEDDED, EMBEDDED, embedded_checkpoint, load_gguf
 from cfsp.errors import CfspError, UsageError
-from cfsp.io import check_regular_file
 from cfsp.gguf_header import read_string
+from cfsp.io import check_regular_file
 
 DEFAULT_MODEL = DEFAULT_EMBEDDED
 # alias -> embedded model name, every embedded model resolved the same way
