@@ -254,7 +254,7 @@ def write_json(dest: str | Path, payload: Any) -> Path:
 def read_json(path: str | Path) -> Any:
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path} does not exist")
+        raise UsageError(f"{path} {'is not a file' if path.exists() else 'does not exist'}")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:

@@ -319,10 +319,14 @@ def task_runner(params: Params):
     if params.runner.address:
         return DaskTaskRunner(address=params.runner.address)
     return DaskTaskRunner(
-        cluster_kwargs={  # loopback only: Dask's defaults listen on every interface
+        cluster_kwargs={
             "n_workers": 1,
             "threads_per_worker": params.runner.workers,
             "processes": False,
+            # Loopback only: by default the dashboard (:8787) and the worker's server listen on
+            # every interface, even with in-process workers. TCP on 127.0.0.1 binds them all
+            # there; the dashboard gets a free port (its link is logged).
+            "protocol": "tcp://",
             "host": "127.0.0.1",
             "dashboard_address": "127.0.0.1:0",
         }
