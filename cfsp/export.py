@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -207,7 +208,7 @@ def _check_once(directory: Path) -> list[str]:
     return problems + _unrecorded(directory, recorded, complete)
 
 
-def verify_checkpoint(directory: str | Path, attempts: int = 3) -> list[str]:
+def verify_checkpoint(directory: str | Path, attempts: int = 5) -> list[str]:
     """Compare every file with the sha256 its manifest records; return the problems.
 
     A checkpoint replaced while it is read (a concurrent `--overwrite`, a rerun of a stage) is
@@ -217,18 +218,28 @@ def verify_checkpoint(directory: str | Path, attempts: int = 3) -> list[str]:
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} is not a checkpoint directory")
+    error: Exception | None = None
+    missing = 0  # attempts that found no directory at all
     for _ in range(attempts):
         before = _identity(directory)
+        missing += before is None
         try:
             problems = _check_once(directory)
         except (CfspError, OSError) as err:
-            if _identity(directory) != before:
-                continue
-            if isinstance(err, OSError):
-                raise CfspError(f"cannot read {directory}: {err}") from err
-            raise
-        if _identity(directory) == before:
-            return problems
+            error = err
+            if before is not None and _identity(directory) == before:
+                break  # a directory that stands still: the error is real
+        else:
+            if before is not None and _identity(directory) == before:
+                return problems
+        time.sleep(0.05)  # between the two renames of a replacement, the name is missing
+    else:
+        if missing < attempts:
+            error = None  # it was there, and changed under every read
+    if isinstance(error, OSError):
+        raise CfspError(f"cannot read {directory}: {error}") from error
+    if error is not None:
+        raise error
     raise CfspError(f"{directory} kept changing while it was verified; try again")
 
 
