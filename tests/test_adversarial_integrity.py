@@ -444,7 +444,10 @@ def test_verify_while_the_checkpoint_is_replaced(ckpt, tmp_path):
 
 def test_two_runs_started_together_in_a_fresh_folder(proj, tmp_path):
     """Both create the MLflow sqlite database and its experiment (a schema-migration race
-    without the file lock: "Online migration expected to match one row") and both succeed."""
+    without the file lock: "Online migration expected to match one row") and both succeed.
+    (Their two Prefect servers share PREFECT_HOME's sqlite database; under load one of them
+    was seen, once in seven runs, to log a sqlalchemy traceback it recovered from: that is
+    Prefect's server log, so this test checks exit codes, outputs and `error:` lines.)"""
     params = params_in(proj, tmp_path)
     env = {"PREFECT_HOME": str(tmp_path / "prefect")}
     procs = [spawn_cli("run", "--params", params, cwd=tmp_path, **env) for _ in range(2)]
@@ -456,7 +459,10 @@ def test_two_runs_started_together_in_a_fresh_folder(proj, tmp_path):
                 p.kill()
     for proc, (out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err[-3000:]
-        assert "Traceback" not in err and "checkpoint tiny__cfsp__p0.3:" in out
+        assert "checkpoint tiny__cfsp__p0.3:" in out
+        assert not [ln for ln in err.splitlines() if ln.startswith("error:")], err[-3000:]
+    checkpoint = next(line for line in out.splitlines() if line.startswith("checkpoint "))
+    assert verify_checkpoint(checkpoint.split(": ", 1)[1]) == []
 
 
 # -- exposure -------------------------------------------------------------------------------------
