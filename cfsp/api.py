@@ -16,8 +16,9 @@ from cfsp.config import CalibConfig, PruneConfig
 from cfsp.data import calibration_windows, check_source
 from cfsp.errors import UsageError
 from cfsp.evaluate.api import count_params
-from cfsp.export import MANIFEST, save_checkpoint
-from cfsp.io import atomic_dir, check_replaceable, check_writable_parent, read_json
+from cfsp.export import MANIFEST, read_manifest, save_checkpoint
+from cfsp.faults import signal_point
+from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
 from cfsp.models import check_model_spec, load_model
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ def guard_output(out: Path, request: dict, overwrite: bool) -> None:
         raise UsageError(
             f"{out} exists and is not a cfsp checkpoint; choose another --out or pass --overwrite"
         )
-    previous = read_json(manifest, expect=dict).get("request")
+    previous = read_manifest(out).get("request")
     if previous != request:
         raise UsageError(
             f"{out} already holds a different run ({_describe(previous)}); "
@@ -108,6 +109,7 @@ def compress(
     timings = {}
     t0 = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    signal_point("load")  # tests only: an interrupt before anything is written
     windows = calibration_windows(
         calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
     )

@@ -304,14 +304,22 @@ def _apply_override(data: dict, item: str) -> None:
 
 @app.command("verify")
 def verify_cmd(directory: Annotated[Path, typer.Argument(help="A pruned checkpoint directory.")]):
-    """Check a checkpoint's weights against the sha256 recorded in its manifest."""
+    """Check every file of a checkpoint against the sha256 recorded in its manifest."""
     from cfsp.errors import CfspError
-    from cfsp.export import verify_checkpoint
+    from cfsp.export import MANIFEST, recorded_hashes, verify_checkpoint
+    from cfsp.io import sha256_file
 
     problems = verify_checkpoint(directory)
     if problems:
         raise CfspError(f"{directory} does not match its manifest: " + "; ".join(problems))
-    typer.echo(f"{directory}: weights match the manifest")
+    recorded, complete = recorded_hashes(directory)
+    scope = (
+        f"all {len(recorded)} files checked"
+        if complete
+        else "older manifest: only the weights are recorded"
+    )
+    typer.echo(f"{directory}: weights match the manifest ({scope})")
+    typer.echo(f"manifest sha256 {sha256_file(directory / MANIFEST)} (compare with a trusted copy)")
 
 
 @app.command("run")
@@ -380,8 +388,10 @@ def serve_cmd(
     """
     p = _params(params)
     from cfsp.prefect_env import configure_prefect
+    from cfsp.servers import check_cron
 
     configure_prefect()
+    check_cron(cron)
     from prefect import serve
 
     from flows.compress import deploy_sweep
@@ -396,8 +406,11 @@ def dashboard_cmd(
 ) -> None:
     """Open the MLflow UI on the tracked runs (bound to 127.0.0.1, one worker)."""
     import os
-    import subprocess
 
+    from cfsp.interrupts import run_foreground
+    from cfsp.servers import check_port
+
+    check_port(port)
     p = _params(params)
     uri = p.tracking.resolved_uri(p.output)
     typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C to stop)")
@@ -415,7 +428,9 @@ def dashboard_cmd(
         "--workers",
         "1",
     ]
-    raise SystemExit(subprocess.call(cmd, env=dict(os.environ)))
+    code = run_foreground(cmd, env=dict(os.environ))
+    if code != 0:
+        raise CfspError(f"the MLflow UI stopped with exit status {code}")
 
 
 def _print_summaries(summaries: list[dict], seconds: float) -> None:
@@ -621,9 +636,19 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: map our errors to one line and an exit code.
 
     Typer reports its own usage errors (unparsable values, unknown options) with exit code 2.
+    SIGTERM/SIGINT/SIGHUP unwind like an error (temporaries removed, see cfsp.interrupts) and
+    exit 128 + the signal number.
     """
+    from cfsp.interrupts import Interrupted, signals_raise
+    from cfsp.io import remove_live_temporaries
+
     try:
-        app(args=argv)
+        with signals_raise():
+            app(args=argv)
+    except Interrupted as stop:
+        remove_live_temporaries()
+        typer.secho(str(stop), err=True)
+        return stop.exit_code
     except SystemExit as done:
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except CfspError as err:
@@ -639,7 +664,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    sys.exit(main())
+    from cfsp.interrupts import exit_now
+
+    code = main()
+    if code in (129, 130, 143):  # interrupted: do not wait for worker threads
+        exit_now(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

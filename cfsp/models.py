@@ -307,6 +307,10 @@ def check_model_spec(spec: str, trust_remote_code: bool = False) -> None:
 def _read_config(path: Path, trust_remote_code: bool):
     from transformers import AutoConfig
 
+    if trust_remote_code:  # before transformers imports anything from the directory
+        from cfsp.export import check_shipped_code
+
+        check_shipped_code(path)
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as err:

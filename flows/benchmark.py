@@ -22,7 +22,7 @@ from benchmarks.targets import targets_markdown
 from cfsp.io import read_json
 
 
-@task(name="benchmark-suite")
+@task(name="benchmark-suite", persist_result=False, result_serializer="json")
 def suite_task(argv: list[str]) -> str:
     """Run (or resume) the suite; returns the path of its JSON result."""
     run_suite(argv)
@@ -46,7 +46,7 @@ def _row_cells(row: dict) -> dict:
     return cells
 
 
-@flow(name="benchmark", log_prints=True)
+@flow(name="benchmark", log_prints=True, persist_result=False, result_serializer="json")
 def benchmark(argv: list[str] | None = None) -> list[dict]:
     """Every method x budget on one model (see benchmarks/suite.py); returns the targets."""
     result = read_json(suite_task(list(argv or [])))

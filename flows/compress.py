@@ -272,7 +272,17 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     return summaries
 
 
-@flow(name="sweep", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+# Flow results are the summaries the CLI prints: returned in memory, never persisted (and, were
+# they ever, as JSON: PREFECT_RESULTS_PERSIST_BY_DEFAULT=true would otherwise pickle them).
+NOT_PERSISTED = dict(persist_result=False, result_serializer="json")
+
+
+@flow(
+    name="sweep",
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    log_prints=True,
+    **NOT_PERSISTED,
+)
 def sweep(params: dict) -> list[dict]:
     """Every model x budget x method of a params.yaml, sharing per-model stages."""
     p = Params(**params)
@@ -285,7 +295,12 @@ def sweep(params: dict) -> list[dict]:
     return out
 
 
-@flow(name="compress", task_runner=ThreadPoolTaskRunner(max_workers=2), log_prints=True)
+@flow(
+    name="compress",
+    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    log_prints=True,
+    **NOT_PERSISTED,
+)
 def compress(params: dict, model: str, budget: float, method: str) -> dict:
     """One model at one budget with one method."""
     return run_grid(Params(**params), [(model, budget, method)])[0]
@@ -308,6 +323,12 @@ def task_runner(params: Params):
             "n_workers": 1,
             "threads_per_worker": params.runner.workers,
             "processes": False,
+            # Loopback only: by default the dashboard (:8787) and the worker's server listen on
+            # every interface, even with in-process workers. TCP on 127.0.0.1 binds them all
+            # there; the dashboard gets a free port (its link is logged).
+            "protocol": "tcp://",
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:0",
         }
     )
 

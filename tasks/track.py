@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from prefect import task
 
 from cfsp import __version__
-from cfsp.errors import CfspError
+from cfsp.errors import CfspError, UsageError
 from tasks.stages import retry_unless_usage_error
 
 
@@ -37,14 +39,61 @@ def _flatten(prefix: str, value, out: dict) -> None:
         out[prefix] = value
 
 
+_SCHEMES = ("", "file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A tracking URI MLflow can store runs at: a known scheme, and a sqlite URI that names a
+    file (`sqlite:///` alone is an in-memory database: every run would be lost on exit)."""
+    scheme = urlsplit(uri).scheme.split("+")[0].lower()
+    if len(scheme) == 1:  # a Windows drive letter: a path
+        scheme = ""
+    if scheme not in _SCHEMES:
+        raise UsageError(
+            f"MLflow tracking URI {uri!r} has an unknown scheme {scheme!r}; use sqlite:///PATH, "
+            "http(s)://HOST:PORT or a database URL (MLFLOW_TRACKING_URI or tracking.uri)"
+        )
+    if scheme == "sqlite" and _sqlite_path(uri) is None:
+        raise UsageError(
+            f"MLflow tracking URI {uri!r} names no database file; use sqlite:///PATH/mlflow.db"
+        )
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (None for in-memory ones)."""
+    path = uri.split(":///", 1)[1] if ":///" in uri else ""
+    path = path.split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
+
+
+@contextlib.contextmanager
+def tracking_lock(uri: str):
+    """Serialize creating a sqlite tracking database and its experiment: two runs starting
+    together in a fresh folder otherwise race through MLflow's schema migrations, and one
+    fails ("Online migration expected to match one row"). Other backends: no lock."""
+    path = _sqlite_path(uri) if uri.startswith("sqlite") else None
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / f".{path.name}.lock"), timeout=600):
+        yield
+
+
 def preflight(uri: str) -> None:
-    """Fail before any work if the tracking backend cannot be reached."""
+    """Fail before any work if the tracking backend cannot be reached (creating a sqlite
+    database here, under the lock, so later steps find it made)."""
     import mlflow
     from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
 
+    check_tracking_uri(uri)
     try:
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
-    except (MlflowException, OSError) as err:
+        with tracking_lock(uri):
+            mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except (MlflowException, OSError, SQLAlchemyError) as err:
         raise CfspError(
             f"MLflow tracking at {uri} is not reachable: {str(err)[:300]}; check "
             "MLFLOW_TRACKING_URI or tracking.uri in params.yaml"
@@ -53,6 +102,8 @@ def preflight(uri: str) -> None:
 
 @task(
     name="track",
+    persist_result=False,  # a side effect, not a cacheable result; never pickled either
+    result_serializer="json",
     retries=2,
     retry_delay_seconds=3,
     retry_condition_fn=retry_unless_usage_error,
@@ -78,14 +129,15 @@ def track(
 
     mlflow.set_tracking_uri(uri)
     try:
-        exp = mlflow.get_experiment_by_name(experiment)
-        exp_id = (
-            exp.experiment_id
-            if exp
-            else mlflow.create_experiment(
-                experiment, artifact_location=Path(artifact_root).absolute().as_uri()
+        with tracking_lock(uri):  # two runs must not both create the experiment
+            exp = mlflow.get_experiment_by_name(experiment)
+            exp_id = (
+                exp.experiment_id
+                if exp
+                else mlflow.create_experiment(
+                    experiment, artifact_location=Path(artifact_root).absolute().as_uri()
+                )
             )
-        )
         found = mlflow.search_runs(
             [exp_id],
             filter_string=f"tags.`mlflow.runName` = '{name}'",
