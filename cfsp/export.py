@@ -218,6 +218,8 @@ def _check_once(directory: Path) -> list[str]:
         if problem is not None:
             problems.append(problem)
     old = manifest.get("weights_sha256")
+    if complete and old is not None and not isinstance(old, dict):
+        problems.append(f"weights_sha256 in {MANIFEST} is not a mapping of file names to hashes")
     if complete and isinstance(old, dict):
         problems += [
             f"{name}: weights_sha256 and files_sha256 disagree"

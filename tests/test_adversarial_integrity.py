@@ -193,8 +193,8 @@ def test_tampered_checkpoint_fails_verify(ckpt, tmp_path, capsys, case):
     "content,match",
     [
         ("{not json", "cfsp_manifest.json is not valid JSON"),
-        ("[1, 2]", "cfsp_manifest.json is not a JSON object (found list)"),
-        ('"text"', "cfsp_manifest.json is not a JSON object (found str)"),
+        ("[1, 2]", "cfsp_manifest.json holds a JSON array, expected a JSON object"),
+        ('"text"', "cfsp_manifest.json holds a string, expected a JSON object"),
         ('{"files_sha256": "abc"}', "files_sha256 must map file names to sha256 digests"),
         ('{"weights_sha256": ["model.safetensors"]}', "weights_sha256 must map file names"),
     ],
@@ -212,7 +212,7 @@ def test_verify_of_a_file_a_folder_manifest_and_an_old_manifest(ckpt, tmp_path, 
     folder = tmp_path / "odd"
     (folder / MANIFEST).mkdir(parents=True)
     code, _, err = cli(capsys, "verify", folder)
-    assert code == 2 and "cfsp_manifest.json is not a file" in error_line(err)
+    assert code == 2 and "cfsp_manifest.json is a directory, not a regular file" in error_line(err)
 
     code, out, _ = cli(capsys, "verify", ckpt)
     manifest_sha = sha256_file(ckpt / MANIFEST)
