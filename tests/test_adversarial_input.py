@@ -16,32 +16,16 @@ import struct
 from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file, save_file
 
 from cfsp.cli import main
-from tests.conftest import TEXT, tiny_model
-from tests.test_catalogue import cli, error_line, hidden, prune_args, snapshot
+from tests.test_catalogue import build_project, cli, error_line, hidden, prune_args, snapshot
 
 
 @pytest.fixture(scope="module")
 def proj(tmp_path_factory, tiny_tokenizer):
     """A tiny model, a text, a params.yaml and a finished (per-block) checkpoint."""
-    root = tmp_path_factory.mktemp("adversarial")
-    tiny_model("llama-gqa").save_pretrained(root / "tiny")
-    tiny_tokenizer.save_pretrained(root / "tiny")
-    (root / "text.txt").write_text(TEXT)
-    params = {
-        "models": [str(root / "tiny")],
-        "budgets": [0.3],
-        "methods": ["cfsp"],
-        "output": str(root / "out"),
-        "prepare": {"source": f"file:{root / 'text.txt'}", "nsamples": 4, "seqlen": 16},
-        "evaluate": {"perplexity": [f"file:{root / 'text.txt'}"], "seqlen": 16, "limit": 2},
-    }
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    assert main([str(a) for a in prune_args(root, root / "ckpt", "--budget", "0.3")]) == 0
-    return root
+    return build_project(tmp_path_factory.mktemp("adversarial"), tiny_tokenizer)
 
 
 @pytest.fixture(autouse=True)

@@ -51,12 +51,10 @@ def hidden(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
 
 
-@pytest.fixture(scope="module")
-def proj(tmp_path_factory, tiny_tokenizer):
+def build_project(root: Path, tokenizer) -> Path:
     """A tiny model, a text, a params.yaml (absolute paths) and a finished checkpoint."""
-    root = tmp_path_factory.mktemp("catalogue")
     tiny_model("llama-gqa").save_pretrained(root / "tiny")
-    tiny_tokenizer.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
     (root / "text.txt").write_text(TEXT)
     params = {
         "models": [str(root / "tiny")],
@@ -70,6 +68,11 @@ def proj(tmp_path_factory, tiny_tokenizer):
     code = main([str(a) for a in prune_args(root, root / "ckpt", "--budget", "0.3")])
     assert code == 0
     return root
+
+
+@pytest.fixture(scope="module")
+def proj(tmp_path_factory, tiny_tokenizer):
+    return build_project(tmp_path_factory.mktemp("catalogue"), tiny_tokenizer)
 
 
 def prune_args(root: Path, out: Path, *extra) -> list:
