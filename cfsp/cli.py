@@ -18,7 +18,8 @@ log = logging.getLogger("cfsp")
 app = typer.Typer(
     name="cfsp",
     help="Coarse-to-fine structured pruning of causal LMs, repaired without retraining.\n\n"
-    "Model specs: smollm2-135m (embedded default, no hub needed), a local HF directory, a .gguf "
+    "Model specs: smollm2-135m (embedded default) or gemma3-270m (embedded; no hub needed for "
+    "either), a local HF directory, a .gguf "
     "file, or a hub id. Text specs: botchan[:train|:test], self, wikitext2[:split], c4, ptb, "
     "file:PATH, hf:NAME[:CONFIG[:SPLIT]]. wikitext2 and c4 come from the hub, else from "
     "CFSP_DATA_DIR.",
