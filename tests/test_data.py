@@ -101,3 +101,25 @@ def test_local_wikitext_and_c4(monkeypatch):
     assert c4.text.count("\n\n") >= 1999
     with pytest.raises(UsageError, match="ptb needs the hub"):
         load_text("ptb")
+
+
+def test_windows_start_with_bos_where_the_tokenizer_adds_one(txt, tiny_tokenizer):
+    """BOS + (seqlen - 1) text tokens for tokenizers that put BOS before text; others as is."""
+    import copy
+
+    from tokenizers.processors import TemplateProcessing
+
+    from cfsp.data import leading_bos
+
+    with_bos = copy.deepcopy(tiny_tokenizer)
+    bos = with_bos.bos_token_id
+    template = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", bos)])
+    with_bos._tokenizer.post_processor = template
+    assert leading_bos(tiny_tokenizer) is None and leading_bos(with_bos) == bos
+    plain = evaluation_windows(txt, tiny_tokenizer, 10)
+    ev = evaluation_windows(txt, with_bos, 10)
+    assert (ev.ids[:, 0] == bos).all() and ev.fingerprint["bos"] == bos
+    assert "bos" not in plain.fingerprint
+    assert torch.equal(ev.ids[:, 1:].flatten(), plain.ids.flatten()[: ev.ids[:, 1:].numel()])
+    cal = calibration_windows(txt, with_bos, 5, 10, seed=1)
+    assert cal.ids.shape == (5, 10) and (cal.ids[:, 0] == bos).all()
