@@ -233,30 +233,20 @@ def load_model(
 def _load_model(spec: str, dtype: str, trust_remote_code: bool) -> LoadedModel:
     torch_dtype = parse_dtype(dtype)
     revision = "local"
-    path = Path(spec).expanduser()
-    if spec in ALIASES:
+    kind, path = _resolve_spec(spec)
+    if kind == "alias":
         embedded = EMBEDDED[ALIASES[spec]]
         path = embedded_checkpoint(embedded.name)
         model, tokenizer = _from_dir(path, torch_dtype, trust_remote_code=False)
         revision = embedded.revision
-    elif spec.endswith(".gguf"):
-        if not path.is_file():
-            raise UsageError(f"GGUF file {spec} does not exist")
-        check_gguf_architecture(path)
+    elif kind == "gguf":
         model, tokenizer = load_gguf(path)
         model = model.to(torch_dtype)
-    elif path.exists():
-        if not path.is_dir():
-            raise UsageError(f"{spec} is a file; give a model directory, a .gguf file or a hub id")
+    elif kind == "dir":
         model, tokenizer = _from_dir(path, torch_dtype, trust_remote_code)
-    elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+    else:
         model, tokenizer = _from_hub(spec, torch_dtype, trust_remote_code)
         revision = getattr(model.config, "_commit_hash", None) or "hub"
-    else:
-        raise UsageError(
-            f"model {spec!r} not found: not an existing path, not a hub id (org/name), "
-            f"not an alias ({', '.join(sorted(ALIASES))})"
-        )
     adapter_for(model)
     check_tokenizer_matches(model, tokenizer, spec)
     if tokenizer.pad_token is None:
@@ -276,32 +266,46 @@ def check_model_spec(spec: str, trust_remote_code: bool = False) -> None:
     """
     from cfsp.data import hub_reachable
 
-    path = Path(spec).expanduser()
-    if spec in ALIASES:
+    kind, path = _resolve_spec(spec)
+    if kind == "alias":
         from cfsp.home import cache_dir
 
         cache_dir("models")  # a CFSP_HOME that cannot hold the converted model fails now
-        return
+    elif kind == "dir":
+        check_checkpoint_dir(path)
+        adapter_for(_read_config(path, trust_remote_code))
+    elif kind == "hub" and not hub_reachable():
+        raise UsageError(
+            f"model {spec!r} is not a local path or an embedded alias "
+            f"({', '.join(sorted(ALIASES))}), and the hub is not reachable"
+        )
+
+
+def _resolve_spec(spec: str) -> tuple[str, Path]:
+    """Which kind of model spec this is ('alias', 'gguf', 'dir' or 'hub') and its path.
+
+    The checks every use shares (a GGUF file exists and holds a supported architecture, a
+    local path is a directory, anything else is a hub id) live here once, for loading and for
+    the preflight alike.
+    """
+    path = Path(spec).expanduser()
+    if spec in ALIASES:
+        return "alias", path
     if spec.endswith(".gguf"):
         if not path.is_file():
             raise UsageError(f"GGUF file {spec} does not exist")
         check_gguf_architecture(path)
-    elif path.exists():
+        return "gguf", path
+    if path.exists():
         if not path.is_dir():
             raise UsageError(f"{spec} is a file; give a model directory, a .gguf file or a hub id")
-        check_checkpoint_dir(path)
-        adapter_for(_read_config(path, trust_remote_code))
-    elif _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
-        if not hub_reachable():
-            raise UsageError(
-                f"model {spec!r} is not a local path or an embedded alias "
-                f"({', '.join(sorted(ALIASES))}), and the hub is not reachable"
-            )
-    else:
-        raise UsageError(
-            f"model {spec!r} not found: not an existing path, not a hub id (org/name), "
-            f"not an alias ({', '.join(sorted(ALIASES))})"
-        )
+        return "dir", path
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return "hub", path
+    raise UsageError(
+        f"model {spec!r} not found: not an existing path, not a hub id (org/name), "
+        f"not an alias ({', '.join(sorted(ALIASES))})"
+    )
 
 
 def _read_config(path: Path, trust_remote_code: bool):
