@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.compare import dense_forward_seconds, variant_config
-from benchmarks.targets import check_targets, render_markdown
+from benchmarks.targets import TARGET_SETS, check_targets, render_markdown
 from cfsp.api import count_params, library_versions
 from cfsp.capture import capture
 from cfsp.compress import prune_model
@@ -77,6 +77,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--round-to", type=int, default=64, choices=[8, 64, 128])
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--speed-repeats", type=int, default=5)
+    ap.add_argument(
+        "--targets",
+        default="smollm2",
+        choices=TARGET_SETS,
+        help="smollm2: every target of the benchmark issue (set for SmolLM2-135M); generic: "
+        "only those that do not depend on the model",
+    )
+    ap.add_argument(
+        "--no-speed", action="store_true", help="skip the bf16 prefill timings (large vocabularies)"
+    )
+    ap.add_argument(
+        "--no-rounded", action="store_true", help="skip the widths-rounded variant of every row"
+    )
     ap.add_argument("--rows", type=Path, default=HERE / "results" / "suite_rows")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "suite.json")
     ap.add_argument("--md", type=Path, default=HERE.parent / "BENCHMARKS.md")
@@ -92,7 +105,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_key(args: argparse.Namespace) -> str:
     """Everything a row's numbers depend on besides its method and budget."""
     keep = ("model", "calib", "nsamples", "seqlen", "seed", "wikitext", "wikitext_windows")
-    keep += ("botchan", "botchan_windows", "round_to", "speed_batch")
+    keep += ("botchan", "botchan_windows", "round_to", "speed_batch", "no_speed", "no_rounded")
     text = json.dumps({k: getattr(args, k) for k in keep}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -163,10 +176,7 @@ class Suite:
 
     def row(self, name: str, budget: float) -> dict:
         model, report, prune_s = self.pruned(METHODS[name], budget)
-        rounded, rounded_report, _ = self.pruned(METHODS[name], budget, self.args.round_to)
-        bf16 = measure({"dense": self.dense, "pruned": model, "rounded": rounded}, self.speed)
-        bf16 = bf16["bfloat16"]
-        row = {
+        return {
             "method": name,
             "variant": METHODS[name],
             "budget": budget,
@@ -178,22 +188,38 @@ class Suite:
             "capture_s": round(self.stats.wall_s, 2),
             "keep_ratios": [round(k, 4) for k in report.keep_ratios],
             "ppl": self.ppl(model),
-            "speed_bf16": {
-                "speedup": bf16["pruned"]["prefill_tok_s"] / bf16["dense"]["prefill_tok_s"],
-                "ideal": self.dense_macs / macs_per_token(model, 128),
-                "rounded_speedup": bf16["rounded"]["prefill_tok_s"]
-                / bf16["dense"]["prefill_tok_s"],
-                "rounded_ideal": self.dense_macs / macs_per_token(rounded, 128),
-                "figures": bf16,
-            },
-            "rounded": {
+            **self.rounded_and_speed(name, budget, model),
+        }
+
+    def rounded_and_speed(self, name: str, budget: float, model) -> dict:
+        """The widths-rounded variant's perplexity and the bf16 prefill speed-ups (None when the
+        suite runs with --no-rounded / --no-speed)."""
+        out = {"rounded": None, "speed_bf16": None}
+        rounded = None
+        if not self.args.no_rounded:
+            rounded, rounded_report, _ = self.pruned(METHODS[name], budget, self.args.round_to)
+            out["rounded"] = {
                 "achieved": rounded_report.achieved_fraction,
                 "ppl_wikitext2": perplexity(rounded, self.evals["wikitext2"], progress=False)[
                     "ppl"
                 ],
-            },
+            }
+        if self.args.no_speed:
+            return out
+        models = {"dense": self.dense, "pruned": model, **({"rounded": rounded} if rounded else {})}
+        bf16 = measure(models, self.speed)["bfloat16"]
+        speed = {
+            "speedup": bf16["pruned"]["prefill_tok_s"] / bf16["dense"]["prefill_tok_s"],
+            "ideal": self.dense_macs / macs_per_token(model, 128),
+            "figures": bf16,
         }
-        return row
+        if rounded is not None:
+            speed["rounded_speedup"] = (
+                bf16["rounded"]["prefill_tok_s"] / bf16["dense"]["prefill_tok_s"]
+            )
+            speed["rounded_ideal"] = self.dense_macs / macs_per_token(rounded, 128)
+        out["speed_bf16"] = speed
+        return out
 
 
 def _cached(path: Path, key: str, compute) -> dict:
@@ -235,15 +261,19 @@ def write_outputs(args, suite: Suite, rows: list[dict]) -> None:
 
 
 def _publish(args: argparse.Namespace, payload: dict) -> None:
-    """Check the targets on the payload's rows; write the JSON, the plot and BENCHMARKS.md."""
+    """Check the targets on the payload's rows; write the JSON, the plot and BENCHMARKS.md
+    (one section per model: every `*suite.json` beside --out)."""
     rows = payload["rows"]
-    payload["targets"] = check_targets(rows)
+    payload["targets"] = check_targets(rows, args.targets)
     write_json(args.out, payload)
     dense = next(r for r in rows if r["method"] == "dense")
     pruned = [r for r in rows if r["method"] != "dense"]
     if pruned:
         ppl_vs_budget_plot(pruned, dense["ppl"], args.plot)
-    args.md.write_text(render_markdown(payload, args.plot, args.md.parent))
+    payloads = [payload] + [
+        read_json(p) for p in sorted(args.out.parent.glob("*suite.json")) if p != args.out
+    ]
+    args.md.write_text(render_markdown(payloads, args.md.parent))
 
 
 def render_only(args: argparse.Namespace) -> list[dict]:
@@ -273,16 +303,17 @@ def main(argv=None) -> list[dict]:
                 )
             )
             r = rows[-1]
+            speed = r["speed_bf16"] or {}
             log.info(
-                "%s p=%.2f: wikitext2 %.2f botchan %.2f zero-shot %s time x%.2f bf16 x%.2f/%.2f",
+                "%s p=%.2f: wikitext2 %.2f botchan %.2f zero-shot %s time x%.2f bf16 x%s/%s",
                 r["method"],
                 r["budget"],
                 r["ppl"]["wikitext2"],
                 r["ppl"]["botchan"],
                 r["zeroshot"] and round(r["zeroshot"]["average"], 4),  # None until measured
                 r["time_ratio"],
-                r["speed_bf16"]["speedup"],
-                r["speed_bf16"]["ideal"],
+                speed.get("speedup"),
+                speed.get("ideal"),
             )
             write_outputs(args, suite, rows)
     write_outputs(args, suite, rows)

@@ -27,7 +27,7 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer)
         is None
     )  # no tasks in this run: reported as not measured, not as met
     page = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "## Targets" in page and "| 0.5 | default |" in page and "ppl.png" in page
+    assert "### Targets" in page and "| 0.5 | default |" in page and "ppl.png" in page
     assert (tmp_path / "ppl.png").stat().st_size > 1000
 
     # --render-only rewrites the page from the JSON result, without a model.
@@ -54,7 +54,7 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer)
     assert all(0 <= r["zeroshot"]["arc_easy"] <= 1 for r in scored)
     assert all(r["zeroshot"]["key"] == "arc_easy,boolq:3" for r in scored)
     page = (tmp_path / "BENCHMARKS.md").read_text()
-    assert "## Zero-shot accuracy per task" in page and "| average without boolq |" in page
+    assert "### Zero-shot accuracy per task" in page and "| average without boolq |" in page
 
 
 def _row(method: str, budget: float, boolq: float, other: float) -> dict:
