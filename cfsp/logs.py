@@ -77,6 +77,10 @@ def setup_logging(verbose: bool = False) -> None:
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not sys.stderr.isatty():
+        # tqdm reads TQDM_* defaults when it is first imported (not yet, in the CLI): bars of
+        # libraries that leave `disable` unset (lm-eval's request building) stay off in logs.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     quiet_library_progress()
     from transformers.utils import logging as hf_logging
 

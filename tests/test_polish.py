@@ -210,6 +210,22 @@ def test_a_log_gets_lines_without_progress_bars(tiny_prune_args, tmp_path):
     assert proc.stdout.startswith(f"{tmp_path / 'pruned'}: removed")  # where the checkpoint is
 
 
+def test_a_log_gets_no_bars_from_libraries_either():
+    """A library bar that leaves `disable` unset (lm-eval builds its requests under one) is
+    off once cfsp's logging is set up on a non-terminal stderr."""
+    code = (
+        "from cfsp.logs import setup_logging; setup_logging()\n"
+        "from tqdm import tqdm\n"
+        "for _ in tqdm(range(3), desc='library bar'): pass\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "library bar" not in proc.stderr and "\r" not in proc.stderr, proc.stderr
+
+
 def _screen(raw: str) -> list[str]:
     """The lines a terminal shows for `raw`: colour codes dropped, `\\r` returns to column 0
     and later characters overwrite earlier ones (what a bar redraw and clear rely on)."""
