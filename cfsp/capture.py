@@ -281,7 +281,9 @@ def capture(
     hiddens, kwargs_list = first_block_inputs(model, windows.ids, batch_size)
     blocks = []
     layers = adapter.layers(model)
-    for index, block in enumerate(tqdm(layers, desc="capture", disable=not progress, unit="block")):
+    # disable=None: the bar is drawn only when stderr is a terminal
+    bar = tqdm(layers, desc="capture", disable=None if progress else True, unit="block")
+    for index, block in enumerate(bar):
         t0 = time.perf_counter()
         stats = run_block(block, adapter.parts(block), hiddens, kwargs_list, gram_dtype)
         blocks.append(stats)

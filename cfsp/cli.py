@@ -26,8 +26,11 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: typer's rich panels print `<bool>` beside every flag
 )
 _state = {"debug": False}
+# Printed by `cfsp --version`: the libraries whose versions change results or file formats.
+VERSIONED = ("torch", "transformers", "safetensors", "peft", "lm_eval", "prefect", "mlflow", "dvc")
 
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model spec.")]
 DtypeOpt = Annotated[str, typer.Option(help="Compute dtype: float32, bfloat16 or float16.")]
@@ -36,10 +39,39 @@ RemoteOpt = Annotated[
 ]
 
 
+def _versions() -> str:
+    """`cfsp X.Y.Z` and, one per line, Python's and the key libraries' installed versions."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = [f"cfsp {__version__}", f"python {platform.python_version()}"]
+    for name in VERSIONED:
+        try:
+            lines.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            lines.append(f"{name} not installed")
+    return "\n".join(lines)
+
+
+def _print_versions(value: bool) -> None:
+    if value:
+        typer.echo(_versions())
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the versions of cfsp, Python and the key libraries, then exit.",
+            callback=_print_versions,
+            is_eager=True,
+        ),
+    ] = False,
 ) -> None:
     from cfsp.logs import setup_logging
 
@@ -49,8 +81,8 @@ def _root(
 
 @app.command("version")
 def version_cmd() -> None:
-    """Print the cfsp version."""
-    typer.echo(__version__)
+    """Print the versions of cfsp, Python and the key libraries (same as --version)."""
+    typer.echo(_versions())
 
 
 @app.command("eval")
@@ -465,6 +497,7 @@ def _print_summaries(summaries: list[dict], seconds: float) -> None:
 stage_app = typer.Typer(
     help="Run one pipeline stage with the parameters of a params.yaml (what dvc.yaml calls).",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(stage_app, name="stage")
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of this stage.")]

@@ -293,7 +293,9 @@ def train_lora(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr)
     device = next(model.parameters()).device
     losses = []
-    bar = tqdm(batches(windows, cfg), total=cfg.steps, desc="recover", disable=not progress)
+    bar = tqdm(  # disable=None: drawn only when stderr is a terminal
+        batches(windows, cfg), total=cfg.steps, desc="recover", disable=None if progress else True
+    )
     for step, ids in enumerate(bar, start=1):
         ids = ids.to(device)
         loss = peft_model(input_ids=ids, labels=ids, use_cache=False).loss

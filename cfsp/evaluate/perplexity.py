@@ -32,7 +32,9 @@ def perplexity(
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
-    for first in tqdm(range(0, count, batch), desc=desc, disable=not progress, unit="batch"):
+    starts = range(0, count, batch)
+    # disable=None: the bar is drawn only when stderr is a terminal
+    for first in tqdm(starts, desc=desc, disable=None if progress else True, unit="batch"):
         chunk = ids[first : first + batch].to(device)
         logits = model(chunk, use_cache=False).logits[:, :-1].float()  # [B, L-1, V]
         targets = chunk[:, 1:]
