@@ -175,6 +175,7 @@ def measure(args, writer) -> dict:
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     if run["rc"] != 0:
         raise SystemExit(f"error: prune exited {run['rc']}:\n{run['output'][-3000:]}")
+    machine["load_avg_at_forward"] = [round(x, 2) for x in os.getloadavg()]
     forward = dense_forward(args, model_dir, env, out)
     row = _row(args, model_dir, out, run, maxrss, forward, machine)
     if not args.keep_output:
