@@ -64,13 +64,14 @@ def dir_bytes(path: Path) -> int:
     return total
 
 
-def run_polled(cmd: list[str], env: dict, scratch: Path, every: float = 0.2) -> dict:
-    """Run `cmd`; return its exit code, wall time, peak RSS of its process tree (polled) and
-    the peak size of its scratch folder."""
+def run_polled(cmd: list[str], env: dict, scratch: Path, log: Path, every: float = 0.2) -> dict:
+    """Run `cmd` (its output streamed to `log`, to follow a long run); return its exit code,
+    wall time, peak RSS of its process tree (polled) and the peak size of its scratch folder."""
     import psutil
 
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    with open(log, "wb") as sink:
+        proc = subprocess.Popen(cmd, env=env, stdout=sink, stderr=subprocess.STDOUT)
     root = psutil.Process(proc.pid)
     peak_rss = peak_scratch = polls = 0
     while proc.poll() is None:
@@ -85,7 +86,7 @@ def run_polled(cmd: list[str], env: dict, scratch: Path, every: float = 0.2) -> 
             peak_scratch = max(peak_scratch, dir_bytes(scratch))
         polls += 1
         time.sleep(every)
-    output = proc.stdout.read().decode(errors="replace")
+    output = log.read_bytes()[-3000:].decode(errors="replace")
     return {
         "rc": proc.returncode,
         "wall_s": round(time.perf_counter() - start, 2),
@@ -171,10 +172,10 @@ def measure(args, writer) -> dict:
     cmd += ["--overwrite", *args.prune_args.split()]
     machine = _machine()
     print("running:", " ".join(cmd), flush=True)
-    run = run_polled(cmd, env, scratch)
+    run = run_polled(cmd, env, scratch, args.work / f"{args.shape}-prune.log")
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # KiB on Linux
     if run["rc"] != 0:
-        raise SystemExit(f"error: prune exited {run['rc']}:\n{run['output'][-3000:]}")
+        raise SystemExit(f"error: prune exited {run['rc']}:\n{run['output']}")
     machine["load_avg_at_forward"] = [round(x, 2) for x in os.getloadavg()]
     forward = dense_forward(args, model_dir, env, out)
     row = _row(args, model_dir, out, run, maxrss, forward, machine)
