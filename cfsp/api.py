@@ -16,7 +16,7 @@ from cfsp.config import CalibConfig, PruneConfig
 from cfsp.data import calibration_windows, check_source
 from cfsp.errors import UsageError
 from cfsp.evaluate.api import count_params
-from cfsp.export import MANIFEST, read_manifest, save_checkpoint
+from cfsp.export import MANIFEST, MAX_SHARD_SIZE, read_manifest, save_checkpoint
 from cfsp.faults import signal_point
 from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
 from cfsp.models import check_model_spec, load_model
@@ -94,8 +94,10 @@ def compress(
     trust_remote_code: bool = False,
     batch_size: int = 8,
     overwrite: bool = False,
+    max_shard_size: str | int = MAX_SHARD_SIZE,
 ) -> dict:
-    """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`."""
+    """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`
+    (weights in shards of at most `max_shard_size`, with an index, when larger)."""
     out = check_writable_parent(out)
     check_model_spec(model_spec, trust_remote_code)
     check_source(calib.source, "calibration")
@@ -132,7 +134,7 @@ def compress(
         dtype=dtype,
     )
     with atomic_dir(out) as tmp:
-        save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest)
+        save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest, max_shard_size)
     log.info(
         "pruned %s: %.1f%% of block parameters removed (asked %.1f%%), %d -> %d params; wrote %s",
         model_spec,

@@ -258,10 +258,20 @@ def prune_cmd(
         bool, typer.Option(help="Replace an --out that holds a different run.")
     ] = False,
     trust_remote_code: RemoteOpt = False,
+    max_shard_size: Annotated[
+        str,
+        typer.Option(
+            help="Split the weights into model-0000k-of-0000n.safetensors files (and an "
+            "index) of at most this size: 2GB, 500MB, or bytes."
+        ),
+    ] = "2GB",
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.api import compress
     from cfsp.config import CalibConfig, PruneConfig, validate
+    from cfsp.io import parse_shard_size
+
+    parse_shard_size(max_shard_size)  # a bad size fails now, not after the pruning
 
     prune_values = {
         "budget": budget,
@@ -286,7 +296,14 @@ def prune_cmd(
         "calibration options",
     )
     manifest = compress(
-        model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, overwrite=overwrite
+        model,
+        calib_cfg,
+        prune_cfg,
+        out,
+        dtype,
+        trust_remote_code,
+        overwrite=overwrite,
+        max_shard_size=max_shard_size,
     )
     report = manifest["prune"]
     typer.echo(

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from cfsp.errors import CfspError, UsageError
-from cfsp.io import read_json, sha256_file, write_json
+from cfsp.io import parse_shard_size, read_json, sha256_file, write_json
 
 MANIFEST = "cfsp_manifest.json"
 MODELING_FILE = Path(__file__).with_name("modeling_cfsp.py")
@@ -33,6 +33,8 @@ MODELING_FILE = Path(__file__).with_name("modeling_cfsp.py")
 TERMS_PATTERNS = ("*TERMS*", "LICENSE*", "NOTICE*", "USE_POLICY*")
 # Files a loader may read (weights, configs, tokenizers, code): never unrecorded in a checkpoint.
 LOADABLE = (".safetensors", ".json", ".py", ".model", ".txt", ".tiktoken", ".jinja", ".bin")
+# Weight files are split above this size; the embedded models (<= 1.1 GB in float32) stay whole.
+MAX_SHARD_SIZE = "2GB"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -49,13 +51,15 @@ def file_hashes(directory: Path) -> dict[str, str]:
     }
 
 
-def _save_files(model, tokenizer, out: Path) -> None:
+def _save_files(model, tokenizer, out: Path, max_shard_size: str | int) -> None:
     """save_pretrained, with safetensors' I/O failures (a full disk) raised as the OSError they
     are, so `atomic_dir` reports them as one line instead of a SafetensorError traceback."""
     from safetensors import SafetensorError
 
     try:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(
+            out, safe_serialization=True, max_shard_size=parse_shard_size(max_shard_size)
+        )
     except SafetensorError as err:
         code = re.search(r"os error (\d+)", str(err))
         if code is None:
@@ -65,8 +69,11 @@ def _save_files(model, tokenizer, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def save_checkpoint(model, tokenizer, out: Path, manifest: dict) -> None:
-    """Write into `out` (a fresh temporary directory from `atomic_dir`)."""
+def save_checkpoint(
+    model, tokenizer, out: Path, manifest: dict, max_shard_size: str | int = MAX_SHARD_SIZE
+) -> None:
+    """Write into `out` (a fresh temporary directory from `atomic_dir`); weights larger than
+    `max_shard_size` are split into `model-0000k-of-0000n.safetensors` shards plus an index."""
     from cfsp.faults import signal_point
 
     config = model.config
@@ -74,7 +81,7 @@ def save_checkpoint(model, tokenizer, out: Path, manifest: dict) -> None:
         arch = type(model).__name__
         config.auto_map = {"AutoModelForCausalLM": f"modeling_cfsp.Cfsp{arch}"}
         shutil.copy(MODELING_FILE, out / "modeling_cfsp.py")
-    _save_files(model, tokenizer, out)
+    _save_files(model, tokenizer, out, max_shard_size)
     copy_terms(manifest.get("source_path"), out)
     signal_point("export")  # tests only: a signal while the checkpoint is half-written
     manifest = dict(manifest, weights_sha256=weight_hashes(out), files_sha256=file_hashes(out))
@@ -108,7 +115,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig
 
     from cfsp.modeling_cfsp import resize_to_layer_widths
-    from cfsp.models import check_checkpoint_dir
+    from cfsp.models import check_checkpoint_dir, weight_files
 
     directory = Path(directory)
     check_checkpoint_dir(directory)  # regular files, sound headers: before anything is read
@@ -117,7 +124,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32):
         del config.auto_map  # build with the stock class; resizing is done here, not remotely
     model = _empty_model(config)
     state = {}
-    for path in sorted(directory.glob("*.safetensors")):
+    for path in weight_files(directory):  # one file, or the shards the index names
         state.update(load_file(str(path)))
     try:  # edited widths (cfsp_layer_widths) that do not fit the weights: one clear error
         resize_to_layer_widths(model, config)

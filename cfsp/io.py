@@ -18,6 +18,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
@@ -414,3 +415,17 @@ def _json_kind(data: Any) -> str:
     if data is None:
         return "null"
     return kinds.get(type(data), "a number")
+
+
+def parse_shard_size(text: str | int) -> int:
+    """Bytes from a shard size: an integer, or a number with KB/MB/GB/TB (powers of 1000, as
+    transformers reads them). Weight files are split so that none exceeds it (a single tensor
+    larger than it gets a file of its own)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B)?\s*", str(text), re.IGNORECASE)
+    unit = (match.group(2) or "B").upper() if match else "B"
+    size = int(float(match.group(1)) * 1000 ** "BKMGT".index(unit[0])) if match else 0
+    if size < 1:
+        raise UsageError(
+            f"max shard size {text!r} is not a positive size such as 2GB, 500MB or 1000000"
+        )
+    return size

@@ -21,13 +21,15 @@ from cfsp.arch import SUPPORTED, adapter_for
 from cfsp.embedded import DEFAULT_EMBEDDED, EMBEDDED, embedded_checkpoint, load_gguf
 from cfsp.errors import CfspError, UsageError
 from cfsp.gguf_header import read_string
-from cfsp.io import check_regular_file
+from cfsp.io import check_regular_file, read_json
 
 DEFAULT_MODEL = DEFAULT_EMBEDDED
 # alias -> embedded model name, every embedded model resolved the same way
 ALIASES = {alias: m.name for m in EMBEDDED.values() for alias in (m.name, *m.aliases)}
 # GGUF `general.architecture` -> the model_type transformers builds from it, where they differ
 GGUF_MODEL_TYPES = {"gemma3": "gemma3_text"}
+SINGLE_WEIGHTS = "model.safetensors"  # an unsharded checkpoint's weights
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded one's map of tensor -> shard file
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -54,8 +56,9 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
-def check_safetensors(path: Path) -> None:
-    """Fail with a clear message if a safetensors file is truncated or its header is corrupt.
+def check_safetensors(path: Path) -> set[str]:
+    """Fail with a clear message if a safetensors file is truncated or its header is corrupt;
+    return the names of the tensors it holds.
 
     Every tensor's dtype must be a known name and its shape x element size must equal its byte
     range; the ranges must end where the file ends. Only the header is read.
@@ -76,6 +79,7 @@ def check_safetensors(path: Path) -> None:
     expected = 8 + header_len + max(ends, default=0)
     if size != expected:
         raise CfspError(f"corrupt safetensors file {path}: {size} bytes, header says {expected}")
+    return {name for name in header if name != "__metadata__"}
 
 
 def _tensor_end(name: str, entry: dict) -> int:
@@ -138,12 +142,49 @@ def check_checkpoint_dir(path: Path) -> None:
     if not (path / "config.json").is_file():
         raise UsageError(f"{path} has no config.json: not a Hugging Face model directory")
     weights = sorted(path.glob("*.safetensors"))
-    if not weights:
+    if not weights and not (path / WEIGHTS_INDEX).exists():
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {', '.join(pickled)}: pickle files are never loaded)" if pickled else ""
         raise UsageError(f"{path} holds no .safetensors weights{hint}")
-    for weight_file in weights:
-        check_safetensors(weight_file)
+    names = {weight_file.name: check_safetensors(weight_file) for weight_file in weights}
+    if not (path / SINGLE_WEIGHTS).is_file() and (path / WEIGHTS_INDEX).exists():
+        for shard, tensors in _index_shards(path).items():
+            absent = sorted(tensors - names.get(shard, set()))
+            if absent:
+                raise CfspError(
+                    f"{path / WEIGHTS_INDEX} places {_few(absent)} in {shard}, "
+                    "which does not hold them"
+                )
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files a loader reads from a model directory, chosen as transformers
+    chooses them: `model.safetensors` when present, else the shards its index names, else
+    every `*.safetensors` file. Sharded and single-file checkpoints load alike."""
+    if (path / SINGLE_WEIGHTS).is_file():
+        return [path / SINGLE_WEIGHTS]
+    if (path / WEIGHTS_INDEX).exists():
+        return [path / shard for shard in sorted(_index_shards(path))]
+    return sorted(path.glob("*.safetensors"))
+
+
+def _index_shards(path: Path) -> dict[str, set[str]]:
+    """{shard file name: tensor names} from a sharded checkpoint's index, after checking that
+    it maps tensor names to plain `.safetensors` file names present in the directory."""
+    index_path = path / WEIGHTS_INDEX
+    weight_map = read_json(index_path, expect=dict).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CfspError(f"{index_path} has no weight_map of tensor names to shard files")
+    shards: dict[str, set[str]] = {}
+    for tensor, shard in weight_map.items():
+        if not isinstance(shard, str) or Path(shard).name != shard or shard in (".", ".."):
+            raise CfspError(f"{index_path}: {tensor} is placed in {shard!r}, not a file name")
+        if not shard.endswith(".safetensors"):
+            raise CfspError(f"{index_path}: {tensor} is placed in {shard}, not a .safetensors file")
+        if not (path / shard).is_file():
+            raise CfspError(f"{index_path} names the shard {shard}, which is missing or not a file")
+        shards.setdefault(shard, set()).add(tensor)
+    return shards
 
 
 def check_loading_info(path: Path, model, info: dict) -> None:

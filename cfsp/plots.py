@@ -125,3 +125,42 @@ def loss_plot(losses: list[float], title: str, out: Path) -> Path:
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, plt, out)
+
+
+def scale_plot(rows: list[dict], out: Path) -> Path:
+    """Cost of pruning against model size, one line per engine: wall seconds (pruning and one
+    dense forward over the same tokens) and peak RSS next to the weights' size, log-log.
+
+    rows: {"engine", "params", "prune_wall_s", "dense_forward_s", "peak_rss_bytes",
+    "weights_bytes"} (benchmarks/scale.py)."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for engine in dict.fromkeys(r["engine"] for r in rows):
+        mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["params"])
+        size = [r["params"] / 1e9 for r in mine]
+        left.plot(size, [r["prune_wall_s"] for r in mine], marker="o", label=f"prune ({engine})")
+        left.plot(
+            size,
+            [r["dense_forward_s"] for r in mine],
+            marker="s",
+            ls="--",
+            label=f"dense forward ({engine})",
+        )
+        right.plot(
+            size,
+            [r["peak_rss_bytes"] / 1e9 for r in mine],
+            marker="o",
+            label=f"peak RSS ({engine})",
+        )
+    weights = sorted({(r["params"] / 1e9, r["weights_bytes"] / 1e9) for r in rows})
+    right.plot(*zip(*weights, strict=True), color="grey", ls=":", marker=".", label="weights")
+    for ax, ylabel in ((left, "wall seconds"), (right, "GB")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("parameters (billions)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    left.set_title("Pruning time vs one dense forward", fontsize=10)
+    right.set_title("Peak host memory", fontsize=10)
+    return _save(fig, plt, out)
