@@ -1,5 +1,6 @@
-"""DVC remotes for real: the default local-folder remote shipped in .dvc/config, and an
-S3-compatible server (moto) on 127.0.0.1, each round-tripping a tiny pruned checkpoint."""
+"""DVC for real: the repository's own dvc.yaml / params.yaml / .dvc/config as DVC reads them,
+the default local-folder remote, and an S3-compatible server (moto) on 127.0.0.1, each
+round-tripping a tiny pruned checkpoint."""
 
 from __future__ import annotations
 
@@ -95,6 +96,18 @@ def tracked_checkpoint(tiny_project, tmp_path_factory):
     _run(repo, "git", "add", "-A")
     _run(repo, "git", "commit", "-qm", "tracked checkpoint")
     return repo
+
+
+def test_dvc_reads_the_projects_own_files():
+    """`dvc stage list` parses params.yaml with DVC's own YAML reader (stricter than PyYAML:
+    an unquoted `[botchan:test]` broke every dvc command); metrics and plots are git-tracked."""
+    listed = _run(REPO, "dvc", "stage", "list").stdout
+    assert "evaluate-dense@" in listed and "Reports metrics/" in listed
+    remotes = _run(REPO, "dvc", "remote", "list").stdout.split()
+    assert remotes[:3] == ["local", str(REPO.parent / "cfsp-dvc-remote"), "(default)"]
+    probe = ["git", "check-ignore", "metrics/m/x.json", "plots/m/x/keep.csv"]
+    ignored = subprocess.run(probe, cwd=REPO, capture_output=True, text=True)
+    assert ignored.returncode == 1, f"git-ignored, so experiments would lose it: {ignored.stdout}"
 
 
 def _forget_and_pull(repo: Path, *remote: str) -> dict[str, str]:
