@@ -60,8 +60,10 @@ def s3_server(s3_env):
 
 
 def _run(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run a command from this venv (dvc, git, cfsp); fail the test with its output if it fails."""
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    """Run a command from this venv (dvc, git, cfsp); fail the test with its output if it fails.
+    DVC_NO_ANALYTICS: `dvc init` runs before the copied config turns analytics off."""
+    path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    env = dict(os.environ, PATH=path, DVC_NO_ANALYTICS="1")
     proc = subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"{args}: {proc.stdout}{proc.stderr}"
     return proc
