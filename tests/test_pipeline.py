@@ -198,14 +198,38 @@ def test_dvc_repro_lineage_and_experiments(tiny_project):
     second = _cli(tiny_project, "dvc", "repro")
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
     metrics = _cli(tiny_project, "dvc", "metrics", "show")
-    assert "out/dvc/tiny/cfsp-p0.4/metrics.json" in metrics.stdout
+    assert "metrics/tiny/cfsp-p0.4.json" in metrics.stdout
 
     _cli(tiny_project, "git", "add", "-A")
     _cli(tiny_project, "git", "commit", "-qm", "lineage")
-    exp = _cli(tiny_project, "dvc", "exp", "run", "-S", "budgets=[0.3]")
+    exp = _cli(tiny_project, "dvc", "exp", "run", "-n", "b03", "-S", "budgets=[0.3]")
     assert exp.returncode == 0, exp.stdout + exp.stderr
     assert "Running stage 'evaluate@tiny-0.3-cfsp'" in exp.stdout
     assert "Running stage 'capture@tiny'" not in exp.stdout  # shared upstream reused
+    _compare_experiments(tiny_project, "b03")
+
+
+def _compare_experiments(project: Path, name: str) -> None:
+    """The committed baseline and experiment `name` both show numeric metrics in `dvc exp show`
+    (metrics and plot data are git-tracked files outside out/), and `dvc plots diff` renders."""
+    shown = _cli(project, "dvc", "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    revs = {}
+    for commit in json.loads(shown.stdout):
+        revs[commit["rev"]] = commit["data"]["metrics"]
+        for exp in commit.get("experiments") or []:
+            for rev in exp["revs"]:
+                revs[rev["name"]] = rev["data"]["metrics"]
+    baseline = next(rev for rev in revs if rev not in ("workspace", name))
+    for rev, budget in ((baseline, "0.4"), (name, "0.3")):
+        pruned = revs[rev][f"metrics/tiny/cfsp-p{budget}.json"]["data"]
+        dense = revs[rev]["metrics/tiny/dense.json"]["data"]
+        assert pruned["ppl"]["file:text.txt"] > 1 and 0 < pruned["params"] < dense["params"]
+    html = project / "plots-diff"
+    diff = _cli(project, "dvc", "plots", "diff", baseline, name, "-o", str(html))
+    assert diff.returncode == 0, diff.stdout + diff.stderr
+    page = (html / "index.html").read_text()
+    assert "plots/tiny/cfsp-p0.4/keep.csv" in page and "plots/tiny/cfsp-p0.3/keep.csv" in page
 
 
 def _run_with_fault(project: Path, cmd: tuple, **fault: str) -> int:
