@@ -226,6 +226,14 @@ def prune_cmd(
         bool, typer.Option(help="Replace an --out that holds a different run.")
     ] = False,
     trust_remote_code: RemoteOpt = False,
+    export: Annotated[
+        str,
+        typer.Option(
+            help="compact (per-block widths, the speed-up), padded (stock-loadable everywhere, "
+            "same outputs, no speed-up), uniform (stock-loadable; needs allocation=uniform), or "
+            "a list such as compact,padded: the first goes to --out, others to OUT-KIND."
+        ),
+    ] = "compact",
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.api import compress
@@ -254,13 +262,22 @@ def prune_cmd(
         "calibration options",
     )
     manifest = compress(
-        model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, overwrite=overwrite
+        model,
+        calib_cfg,
+        prune_cfg,
+        out,
+        dtype,
+        trust_remote_code,
+        overwrite=overwrite,
+        export=export,
     )
     report = manifest["prune"]
     typer.echo(
         f"{out}: removed {100 * report['achieved_fraction']:.2f}% of block parameters "
         f"({manifest['params_before']:,} -> {manifest['params_after']:,} parameters)"
     )
+    for kind, folder in manifest["exports"].items():
+        typer.echo(f"{kind} export: {folder}")
 
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params.yaml to use.")]

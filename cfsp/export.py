@@ -102,6 +102,62 @@ def export_dirs(out: Path, kinds: list[str]) -> dict[str, Path]:
     return {k: out if i == 0 else out.with_name(f"{out.name}-{k}") for i, k in enumerate(kinds)}
 
 
+def check_exports(config, prune, kinds: list[str]) -> None:
+    """Refuse, before any work, exports this model and pruning config can never produce: a
+    uniform export of a non-uniform allocation, or a stock-loadable export (padded, uniform) of
+    a family with no stock flag for the compensation bias the reconstruction will add."""
+    from cfsp.arch import adapter_for
+
+    if "uniform" in kinds and prune.allocation != "uniform":
+        raise UsageError(
+            f"export uniform needs allocation=uniform (method {prune.method} allocates "
+            f"{prune.allocation}: per-block widths); export padded instead (stock-loadable, same "
+            "outputs, no speed-up) or choose a uniform method (wanda_sp, magnitude, random)"
+        )
+    stock = [k for k in kinds if k in ("padded", "uniform")]
+    if not stock or prune.reconstruct == "none" or prune.budget == 0:
+        return
+    adapter = adapter_for(config)
+    flags = [("down_proj", adapter.mlp_bias_attr)]
+    if prune.structures == "ffn+heads":
+        flags.append(("o_proj", adapter.o_bias_attr))
+    missing = [name for name, flag in flags if flag is None]
+    if missing:
+        raise UsageError(
+            f"export {stock[0]}: {config.model_type} has no config flag for a bias on "
+            f"{' or '.join(missing)}, where reconstruct={prune.reconstruct} puts one; stock code "
+            "cannot compute that model. Use --reconstruct none, or export compact"
+        )
+
+
+def write_exports(checkpoint: Path, kinds: list[str], dtype: str = "float32", **facts) -> dict:
+    """Write the kinds other than compact beside an existing compact `checkpoint` (as
+    `CHECKPOINT-padded`, ...), with `facts` (measured quality) added to their manifests and
+    model cards. Returns {kind: path}; compact is the checkpoint itself."""
+    from transformers import AutoTokenizer
+
+    from cfsp.io import atomic_dir
+    from cfsp.models import DTYPES
+
+    checkpoint = Path(checkpoint)
+    paths = {"compact": str(checkpoint)} if "compact" in kinds else {}
+    extra = [k for k in kinds if k != "compact"]
+    if not extra:
+        return paths
+    model = load_pruned(checkpoint, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    drop = ("weights_sha256", "files_sha256", "export")
+    manifest = {k: v for k, v in read_manifest(checkpoint).items() if k not in drop}
+    manifest.update(facts)
+    for kind, dest in export_dirs(checkpoint, ["compact", *extra]).items():
+        if kind == "compact":
+            continue
+        with atomic_dir(dest) as tmp:
+            save_checkpoint(model, tokenizer, tmp, manifest, kind)
+        paths[kind] = str(dest)
+    return paths
+
+
 def export_model(model, manifest: dict, kind: str):
     """The model to write for `kind` (padded: a padded copy); refuses what `kind` cannot hold."""
     if kind == "padded":
