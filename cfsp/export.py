@@ -86,9 +86,10 @@ def parse_exports(value: str | list[str] | tuple[str, ...]) -> list[str]:
     kinds = [str(k).strip() for k in items]
     unknown = [k for k in kinds if k not in EXPORT_KINDS]
     if not kinds or unknown:
+        what = f"kind {', '.join(map(repr, unknown))}" if unknown else "list is empty"
         raise UsageError(
-            f"export {', '.join(unknown) or 'list is empty'}: choose from {', '.join(EXPORT_KINDS)}"
-            " (or a comma-separated list, e.g. compact,padded)"
+            f"export {what}: choose from {', '.join(EXPORT_KINDS)} (or a comma-separated list, "
+            "e.g. compact,padded)"
         )
     repeated = sorted({k for k in kinds if kinds.count(k) > 1})
     if repeated:

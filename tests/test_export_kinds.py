@@ -103,6 +103,12 @@ def test_padded_keeps_compensation_biases_through_stock_flags(tmp_path, tiny_tok
     )
 
 
+def test_padded_export_needs_the_kept_indices(tmp_path, tiny_tokenizer):
+    model, _, _ = _prune("llama-gqa", PruneConfig(reconstruct="none", **PER_BLOCK))
+    with pytest.raises(CfspError, match="records no kept indices"):
+        _save(model, tiny_tokenizer, {"source_model": "tiny"}, tmp_path / "padded", "padded")
+
+
 def test_uniform_export_loads_with_stock_code(tmp_path, tiny_tokenizer):
     cfg = PruneConfig(budget=0.4, method="wanda_sp", reconstruct="liar", structures="ffn+heads")
     model, windows, manifest = _prune("llama-gqa", cfg)
@@ -120,6 +126,8 @@ def test_export_requests_that_can_never_work_are_usage_errors():
         parse_exports("compact,fast")
     with pytest.raises(UsageError, match="padded listed twice"):
         parse_exports("padded,padded")
+    with pytest.raises(UsageError, match="export list is empty"):
+        parse_exports([])
     assert parse_exports("padded, compact") == ["padded", "compact"]
     with pytest.raises(UsageError, match="export uniform needs allocation=uniform"):
         check_exports(tiny_model("llama-gqa").config, PruneConfig(method="cfsp"), ["uniform"])
@@ -145,7 +153,7 @@ def test_cli_prune_writes_each_export(tmp_path, tiny_tokenizer, capsys):
         *("--nsamples", "8", "--seqlen", "16", "--budget", "0.3", "--out", out),
     ]
     code, stdout, err = _cli(capsys, *common, "--export", "compact,fast")
-    assert code == 2 and "error: export fast" in err and not out.exists()
+    assert code == 2 and "error: export kind 'fast': choose from" in err and not out.exists()
     code, stdout, err = _cli(capsys, *common, "--export", "compact,padded")
     assert code == 0, err
     padded = tmp_path / "ckpt-padded"
@@ -159,3 +167,52 @@ def test_cli_prune_writes_each_export(tmp_path, tiny_tokenizer, capsys):
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
     stock = AutoModelForCausalLM.from_pretrained(padded).eval()
     torch.testing.assert_close(_logits(stock, ids), _logits(load_pruned(out), ids))
+
+
+@pytest.mark.slow
+def test_real_padded_export_evaluates_with_stock_lm_eval(tmp_path):
+    """SmolLM2-135M at p=0.3: the padded export, loaded by lm-eval's own `hf` model from its
+    path with no trust_remote_code, scores a local task exactly as the compact one does."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from cfsp.api import compress
+    from cfsp.config import CalibConfig
+    from cfsp.evaluate.zeroshot import _offline, export_tasks, zeroshot
+    from cfsp.models import load_model
+
+    try:
+        tasks = export_tasks(tmp_path / "tasks", tasks=["piqa"])
+    except UsageError as err:
+        pytest.skip(f"no local zero-shot data: {err}")
+    out = tmp_path / "pruned"
+    compress(
+        "smollm2-135m",
+        CalibConfig(nsamples=8, seqlen=64),
+        PruneConfig(budget=0.3),
+        out,
+        export="compact,padded",
+    )
+    padded = tmp_path / "pruned-padded"
+    with _offline():
+        stock = lm_eval.simple_evaluate(
+            model="hf",
+            model_args=f"pretrained={padded},dtype=float32",
+            tasks=["cfsp_piqa"],
+            limit=16,
+            bootstrap_iters=0,
+            log_samples=True,
+            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        )
+    compact = load_model(str(out))
+    ours = zeroshot(compact.model, compact.tokenizer, ["piqa"], limit=16, per_item=True)
+    stock_acc = stock["results"]["cfsp_piqa"]["acc,none"]
+    assert stock_acc == ours["tasks"]["piqa"]["acc"]
+    samples = sorted(stock["samples"]["cfsp_piqa"], key=lambda x: x["doc_id"])
+    stock_ll = [[float(r[0]) for r in x["filtered_resps"]] for x in samples]
+    torch.testing.assert_close(
+        torch.tensor(stock_ll),
+        torch.tensor(ours["tasks"]["piqa"]["loglikelihoods"]),
+        atol=1e-3,
+        rtol=0,
+    )
