@@ -146,7 +146,7 @@ def write_exports(checkpoint: Path, kinds: list[str], dtype: str = "float32", **
     if not extra:
         return paths
     model = load_pruned(checkpoint, dtype=DTYPES[dtype])
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, config=model.config)
     drop = ("weights_sha256", "files_sha256", "export")
     manifest = {k: v for k, v in read_manifest(checkpoint).items() if k not in drop}
     manifest.update(facts)

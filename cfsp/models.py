@@ -190,7 +190,10 @@ def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
             raise CfspError(f"could not load weights from {path}: {err}") from err
         check_loading_info(path, model, info)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # the config read above: a cfsp_<type> config.json is not one AutoConfig knows
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, TypeError) as err:
         raise CfspError(f"could not load the tokenizer in {path}: {err}") from err
     return model, tokenizer

@@ -199,6 +199,7 @@ def test_real_padded_export_evaluates_with_stock_lm_eval(tmp_path):
             model="hf",
             model_args=f"pretrained={padded},dtype=float32",
             tasks=["cfsp_piqa"],
+            device="cpu",
             limit=16,
             bootstrap_iters=0,
             log_samples=True,
@@ -216,3 +217,19 @@ def test_real_padded_export_evaluates_with_stock_lm_eval(tmp_path):
         atol=1e-3,
         rtol=0,
     )
+
+
+def test_write_exports_beside_a_checkpoint_with_measured_quality(tmp_path, tiny_tokenizer):
+    """What `cfsp run` does with export.kinds: kinds other than compact are written beside the
+    run's compact checkpoint, their model cards stating the perplexity the run measured."""
+    from cfsp.export import write_exports
+
+    model, windows, manifest = _prune("llama-gqa", PruneConfig(reconstruct="none", **PER_BLOCK))
+    compact = _save(model, tiny_tokenizer, manifest, tmp_path / "run", "compact")
+    assert write_exports(compact, ["compact"]) == {"compact": str(compact)}
+    paths = write_exports(compact, ["compact", "padded"], quality={"perplexity (pruned)": 12.5})
+    padded = tmp_path / "run-padded"
+    assert paths == {"compact": str(compact), "padded": str(padded)}
+    assert "- perplexity (pruned): 12.5" in _published(padded)
+    stock = AutoModelForCausalLM.from_pretrained(padded).eval()
+    torch.testing.assert_close(_logits(stock, windows.ids), _logits(model, windows.ids))
