@@ -16,7 +16,15 @@ from cfsp.config import CalibConfig, PruneConfig
 from cfsp.data import calibration_windows, check_source
 from cfsp.errors import UsageError
 from cfsp.evaluate.api import count_params
-from cfsp.export import MANIFEST, MAX_SHARD_SIZE, read_manifest, save_checkpoint
+from cfsp.export import (
+    MANIFEST,
+    MAX_SHARD_SIZE,
+    check_exports,
+    export_dirs,
+    parse_exports,
+    read_manifest,
+    save_checkpoint,
+)
 from cfsp.faults import signal_point
 from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
 from cfsp.models import check_model_spec, load_model
@@ -95,10 +103,18 @@ def compress(
     batch_size: int = 8,
     overwrite: bool = False,
     max_shard_size: str | int = MAX_SHARD_SIZE,
+    export: str | list[str] = "compact",
 ) -> dict:
     """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`
-    (weights in shards of at most `max_shard_size`, with an index, when larger)."""
+    (weights in shards of at most `max_shard_size`, with an index, when larger).
+
+    `export`: compact, padded, uniform or a list (cfsp.export); the first kind goes to `out`,
+    each other one beside it (`OUT-padded`). The manifest's `exports` says where each is."""
     out = check_writable_parent(out)
+    kinds = parse_exports(export)
+    dirs = export_dirs(out, kinds)
+    for extra in list(dirs.values())[1:]:
+        check_writable_parent(extra)
     check_model_spec(model_spec, trust_remote_code)
     check_source(calib.source, "calibration")
     request = {
@@ -107,11 +123,13 @@ def compress(
         "prune": prune.model_dump(),
         "dtype": dtype,
     }
-    guard_output(out, request, overwrite)
+    for folder in dirs.values():
+        guard_output(folder, request, overwrite)
     timings = {}
     t0 = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
     signal_point("load")  # tests only: an interrupt before anything is written
+    check_exports(loaded.model.config, prune, kinds)
     windows = calibration_windows(
         calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
     )
@@ -132,9 +150,11 @@ def compress(
         calibration={"config": calib.model_dump()},
         request=request,
         dtype=dtype,
+        exports={kind: str(folder) for kind, folder in dirs.items()},
     )
-    with atomic_dir(out) as tmp:
-        save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest, max_shard_size)
+    for kind, folder in dirs.items():
+        with atomic_dir(folder) as tmp:
+            save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest, kind, max_shard_size)
     log.info(
         "pruned %s: %.1f%% of block parameters removed (asked %.1f%%), %d -> %d params; wrote %s",
         model_spec,

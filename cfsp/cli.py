@@ -265,6 +265,14 @@ def prune_cmd(
             "index) of at most this size: 2GB, 500MB, or bytes."
         ),
     ] = "2GB",
+    export: Annotated[
+        str,
+        typer.Option(
+            help="compact (per-block widths, the speed-up), padded (stock-loadable everywhere, "
+            "same outputs, no speed-up), uniform (stock-loadable; needs allocation=uniform), or "
+            "a list such as compact,padded: the first goes to --out, others to OUT-KIND."
+        ),
+    ] = "compact",
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.api import compress
@@ -304,12 +312,15 @@ def prune_cmd(
         trust_remote_code,
         overwrite=overwrite,
         max_shard_size=max_shard_size,
+        export=export,
     )
     report = manifest["prune"]
     typer.echo(
         f"{out}: removed {100 * report['achieved_fraction']:.2f}% of block parameters "
         f"({manifest['params_before']:,} -> {manifest['params_after']:,} parameters)"
     )
+    for kind, folder in manifest["exports"].items():
+        typer.echo(f"{kind} export: {folder}")
 
 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="The params.yaml to use.")]

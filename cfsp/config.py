@@ -181,6 +181,23 @@ class TrackingConfig(Strict):
         return self.uri or f"sqlite:///{Path(output).absolute() / 'mlflow.db'}"
 
 
+class ExportConfig(Strict):
+    """Which checkpoints a run writes (cfsp.export): compact (per-block widths, the speed-up),
+    padded (stock-loadable everywhere, same outputs, no speed-up), uniform (stock-loadable;
+    needs allocation=uniform). Kinds other than compact go beside the run's checkpoint."""
+
+    kinds: list[Literal["compact", "padded", "uniform"]] = Field(
+        default_factory=lambda: ["compact"], min_length=1
+    )
+
+    @model_validator(mode="after")
+    def _once(self) -> ExportConfig:
+        repeated = sorted({k for k in self.kinds if self.kinds.count(k) > 1})
+        if repeated:
+            raise ValueError(f"kinds: {', '.join(repeated)} listed twice")
+        return self
+
+
 class RunnerConfig(Strict):
     """Where the sweep's tasks run: threads here, or a Dask cluster (pip install cfsp[dask])."""
 
@@ -202,6 +219,7 @@ class Params(Strict):
     allocate: AllocateConfig = AllocateConfig()
     reconstruct: ReconstructConfig = ReconstructConfig()
     recover: RecoverConfig = RecoverConfig()
+    export: ExportConfig = ExportConfig()
     evaluate: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
     runner: RunnerConfig = RunnerConfig()
@@ -218,10 +236,15 @@ class Params(Strict):
                 raise ValueError(f"budgets: {budget} is not in [0, 1)")
         for method in self.methods:
             try:
-                prune_config(self, method, self.budgets[0] if self.budgets else 0.0)
+                cfg = prune_config(self, method, self.budgets[0] if self.budgets else 0.0)
             except (ValidationError, ValueError) as err:
                 detail = explain(err, PruneConfig) if isinstance(err, ValidationError) else str(err)
                 raise ValueError(f"methods: {method!r}: {detail}") from None
+            if "uniform" in self.export.kinds and cfg.allocation != "uniform":
+                raise ValueError(
+                    f"export.kinds: uniform needs allocation=uniform, and method {method!r} "
+                    f"allocates {cfg.allocation} (per-block widths); export padded instead"
+                )
         return self
 
 

@@ -1,9 +1,16 @@
-"""Save and load pruned checkpoints: safetensors weights, config, tokenizer, manifest.
+"""Save and load pruned checkpoints: safetensors weights, config, tokenizer, model card,
+manifest. Three export kinds (`EXPORT_KINDS`):
 
-Uniform widths (and LLaMA biases through its config flags) load with stock
-`AutoModelForCausalLM.from_pretrained(DIR)`. Per-block widths record `cfsp_layer_widths` in
-config.json and ship `modeling_cfsp.py` with an `auto_map`: `cfsp.load_pruned(DIR)` loads them
-without remote code; stock loading needs `trust_remote_code=True`, which is never the default.
+* compact: the pruned widths. Uniform widths (and biases the stock config flags express) load
+  with stock `AutoModelForCausalLM.from_pretrained(DIR)`. Per-block widths (`cfsp_layer_widths`)
+  or a bias stock code cannot build (`cfsp_extra_bias`) ship `modeling_cfsp.py` and say
+  `model_type: cfsp_<stock type>` with an `auto_map`: a stock load without remote code stops
+  with transformers' "custom code ... trust_remote_code=True" message; `cfsp.load_pruned(DIR)`
+  loads them without remote code.
+* padded: zero-padded back to the config's uniform widths (cfsp.export_padded): same outputs,
+  stock code only, no speed-up.
+* uniform: the compact export, refused unless it is already stock-loadable (a uniform
+  allocation, and biases the stock config can express).
 
 The manifest records the sha256 of every file the checkpoint holds (`files_sha256`: weights,
 config, generation config, tokenizer files, shipped code), not only the weights: a swapped
@@ -24,9 +31,10 @@ import torch
 from safetensors.torch import load_file
 
 from cfsp.errors import CfspError, UsageError
-from cfsp.io import parse_shard_size, read_json, sha256_file, write_json
+from cfsp.io import parse_shard_size, publish_modes, read_json, sha256_file, write_json
 
 MANIFEST = "cfsp_manifest.json"
+EXPORT_KINDS = ("compact", "padded", "uniform")
 MODELING_FILE = Path(__file__).with_name("modeling_cfsp.py")
 # Terms of use that travel with a model and every checkpoint derived from it (Gemma's terms
 # ask that derivatives carry them): copied from the manifest's source_path when present.
@@ -69,23 +77,198 @@ def _save_files(model, tokenizer, out: Path, max_shard_size: str | int) -> None:
     tokenizer.save_pretrained(out)
 
 
-def save_checkpoint(
-    model, tokenizer, out: Path, manifest: dict, max_shard_size: str | int = MAX_SHARD_SIZE
-) -> None:
-    """Write into `out` (a fresh temporary directory from `atomic_dir`); weights larger than
-    `max_shard_size` are split into `model-0000k-of-0000n.safetensors` shards plus an index."""
-    from cfsp.faults import signal_point
+def needs_custom_code(config) -> bool:
+    """Whether stock modeling code cannot build this config's model as it is."""
+    return bool(
+        getattr(config, "cfsp_layer_widths", None) or getattr(config, "cfsp_extra_bias", None)
+    )
 
+
+def parse_exports(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """`compact`, `padded,compact` or a list -> the kinds in order, each once; else UsageError."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    kinds = [str(k).strip() for k in items]
+    unknown = [k for k in kinds if k not in EXPORT_KINDS]
+    if not kinds or unknown:
+        what = f"kind {', '.join(map(repr, unknown))}" if unknown else "list is empty"
+        raise UsageError(
+            f"export {what}: choose from {', '.join(EXPORT_KINDS)} (or a comma-separated list, "
+            "e.g. compact,padded)"
+        )
+    repeated = sorted({k for k in kinds if kinds.count(k) > 1})
+    if repeated:
+        raise UsageError(f"export {', '.join(repeated)} listed twice")
+    return kinds
+
+
+def export_dirs(out: Path, kinds: list[str]) -> dict[str, Path]:
+    """Where each kind goes: the first to `out`, each other one beside it (`OUT-padded`)."""
+    out = Path(out)
+    return {k: out if i == 0 else out.with_name(f"{out.name}-{k}") for i, k in enumerate(kinds)}
+
+
+def check_exports(config, prune, kinds: list[str]) -> None:
+    """Refuse, before any work, exports this model and pruning config can never produce: a
+    uniform export of a non-uniform allocation, or a stock-loadable export (padded, uniform) of
+    a family with no stock flag for the compensation bias the reconstruction will add."""
+    from cfsp.arch import adapter_for
+
+    if "uniform" in kinds and prune.allocation != "uniform":
+        raise UsageError(
+            f"export uniform needs allocation=uniform (method {prune.method} allocates "
+            f"{prune.allocation}: per-block widths); export padded instead (stock-loadable, same "
+            "outputs, no speed-up) or choose a uniform method (wanda_sp, magnitude, random)"
+        )
+    stock = [k for k in kinds if k in ("padded", "uniform")]
+    if not stock or prune.reconstruct == "none" or prune.budget == 0:
+        return
+    adapter = adapter_for(config)
+    flags = [("down_proj", adapter.mlp_bias_attr)]
+    if prune.structures == "ffn+heads":
+        flags.append(("o_proj", adapter.o_bias_attr))
+    missing = [name for name, flag in flags if flag is None]
+    if missing:
+        raise UsageError(
+            f"export {stock[0]}: {config.model_type} has no config flag for a bias on "
+            f"{' or '.join(missing)}, where reconstruct={prune.reconstruct} puts one; stock code "
+            "cannot compute that model. Use --reconstruct none, or export compact"
+        )
+
+
+def write_exports(checkpoint: Path, kinds: list[str], dtype: str = "float32", **facts) -> dict:
+    """Write the kinds other than compact beside an existing compact `checkpoint` (as
+    `CHECKPOINT-padded`, ...), with `facts` (measured quality) added to their manifests and
+    model cards. Returns {kind: path}; compact is the checkpoint itself."""
+    from transformers import AutoTokenizer
+
+    from cfsp.io import atomic_dir
+    from cfsp.models import DTYPES
+
+    checkpoint = Path(checkpoint)
+    paths = {"compact": str(checkpoint)} if "compact" in kinds else {}
+    extra = [k for k in kinds if k != "compact"]
+    if not extra:
+        return paths
+    model = load_pruned(checkpoint, dtype=DTYPES[dtype])
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint, config=model.config)
+    drop = ("weights_sha256", "files_sha256", "export")
+    manifest = {k: v for k, v in read_manifest(checkpoint).items() if k not in drop}
+    manifest.update(facts)
+    for kind, dest in export_dirs(checkpoint, ["compact", *extra]).items():
+        if kind == "compact":
+            continue
+        with atomic_dir(dest) as tmp:
+            save_checkpoint(model, tokenizer, tmp, manifest, kind)
+        paths[kind] = str(dest)
+    return paths
+
+
+def export_model(model, manifest: dict, kind: str):
+    """The model to write for `kind` (padded: a padded copy); refuses what `kind` cannot hold."""
+    if kind == "padded":
+        from cfsp.export_padded import padded_copy
+
+        kept = (manifest.get("prune") or {}).get("kept")
+        if not isinstance(kept, list):
+            raise CfspError("padded export: the manifest records no kept indices (prune.kept)")
+        return padded_copy(model, kept)
+    if kind == "uniform" and needs_custom_code(model.config):
+        raise CfspError(f"uniform export: {uniform_problem(model)}")
+    return model
+
+
+def uniform_problem(model) -> str:
+    if getattr(model.config, "cfsp_layer_widths", None):
+        return (
+            "the allocation gave the blocks different widths, which stock code cannot build; "
+            "prune with allocation=uniform, or export padded (same outputs, no speed-up)"
+        )
+    from cfsp.export_padded import stock_bias_problem
+
+    return stock_bias_problem(model) or "stock code cannot build this model"
+
+
+def save_checkpoint(
+    model,
+    tokenizer,
+    out: Path,
+    manifest: dict,
+    kind: str = "compact",
+    max_shard_size: str | int = MAX_SHARD_SIZE,
+) -> None:
+    """Write the `kind` export into `out` (a fresh temporary directory from `atomic_dir`);
+    weights larger than `max_shard_size` are split into `model-0000k-of-0000n.safetensors`
+    shards plus an index."""
+    from cfsp.faults import signal_point
+    from cfsp.model_card import write_model_card
+
+    model = export_model(model, manifest, kind)
     config = model.config
-    if getattr(config, "cfsp_layer_widths", None) or getattr(config, "cfsp_extra_bias", None):
-        arch = type(model).__name__
-        config.auto_map = {"AutoModelForCausalLM": f"modeling_cfsp.Cfsp{arch}"}
+    custom = needs_custom_code(config)
+    if custom:
         shutil.copy(MODELING_FILE, out / "modeling_cfsp.py")
-    _save_files(model, tokenizer, out, max_shard_size)
+    with _auto_map(config, type(model).__name__ if custom else None):
+        _save_files(model, tokenizer, out, max_shard_size)
+    if custom:
+        _mark_custom(out / "config.json")
     copy_terms(manifest.get("source_path"), out)
+    manifest = dict(manifest, export=kind)
+    write_model_card(out, manifest, custom)
     signal_point("export")  # tests only: a signal while the checkpoint is half-written
+    publish_modes(out)  # before hashing: the manifest records what readers get
     manifest = dict(manifest, weights_sha256=weight_hashes(out), files_sha256=file_hashes(out))
     write_json(out / MANIFEST, manifest)
+
+
+@contextlib.contextmanager
+def _auto_map(config, arch: str | None):
+    """While saving: the auto_map of the shipped classes (arch given), or none of cfsp's (a
+    padded copy of a model that was saved compact before); the caller's config is restored."""
+    before = getattr(config, "auto_map", None)
+    if arch:
+        config.auto_map = {
+            "AutoConfig": f"modeling_cfsp.Cfsp{type(config).__name__}",
+            "AutoModelForCausalLM": f"modeling_cfsp.Cfsp{arch}",
+        }
+    elif before and "modeling_cfsp" in str(before):
+        del config.auto_map
+    try:
+        yield
+    finally:
+        if before is None and hasattr(config, "auto_map"):
+            del config.auto_map
+        elif before is not None:
+            config.auto_map = before
+
+
+def _mark_custom(config_path: Path) -> None:
+    """Give a config stock code cannot build its own model_type (`cfsp_llama`, ...)."""
+    from cfsp.modeling_cfsp import CFSP_PREFIX
+
+    raw = read_json(config_path, expect=dict)
+    raw["model_type"] = CFSP_PREFIX + raw["model_type"]
+    write_json(config_path, raw)
+
+
+def read_config(directory: Path):
+    """A checkpoint's config as the stock class, without remote code: a `cfsp_<type>`
+    config.json is read as `<type>` (its auto_map dropped). None for any other model_type."""
+    from transformers import CONFIG_MAPPING
+
+    from cfsp.modeling_cfsp import CFSP_PREFIX
+
+    raw = read_json(Path(directory) / "config.json", expect=dict)
+    model_type = raw.get("model_type")
+    if not (isinstance(model_type, str) and model_type.startswith(CFSP_PREFIX)):
+        return None
+    base = model_type[len(CFSP_PREFIX) :]
+    if base not in CONFIG_MAPPING:
+        raise CfspError(f"{directory}/config.json: unknown model_type {model_type!r}")
+    values = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map")}
+    try:
+        return CONFIG_MAPPING[base].from_dict(values)
+    except (TypeError, ValueError, KeyError) as err:
+        raise CfspError(f"cannot read the config in {directory}: {err}") from err
 
 
 def copy_terms(source: str | Path | None, out: Path) -> list[str]:
@@ -119,7 +302,7 @@ def load_pruned(directory: str | Path, dtype: torch.dtype = torch.float32):
 
     directory = Path(directory)
     check_checkpoint_dir(directory)  # regular files, sound headers: before anything is read
-    config = AutoConfig.from_pretrained(directory)
+    config = read_config(directory) or AutoConfig.from_pretrained(directory)
     if hasattr(config, "auto_map"):
         del config.auto_map  # build with the stock class; resizing is done here, not remotely
     model = _empty_model(config)

@@ -51,6 +51,8 @@ OUTPUT_MARKERS = (
     "allocation.json",
     "evaluate.json",
 )
+# Published files: readable by everyone, writable by the owner (directories get 0755).
+FILE_MODE = 0o644
 # A temporary name adds `.NAME.tmp-XXXXXXXX` (or `.old-`) to an output's name.
 _TEMP_NAME_EXTRA = 16
 
@@ -222,6 +224,14 @@ def remove_live_temporaries() -> None:
             path.unlink(missing_ok=True)
 
 
+def publish_modes(folder: Path) -> None:
+    """Make every regular file in `folder` FILE_MODE: writers that go through their own
+    temporary files (safetensors) leave them 0600, unreadable by another user or container."""
+    for path in folder.iterdir():
+        if path.is_file() and not path.is_symlink():
+            path.chmod(FILE_MODE)
+
+
 def _make_temp(dest: Path, kind: str, directory: bool = True) -> Path:
     """Create and register `.NAME.KIND-PID-XXXX` next to `dest` in one step, so a sweep by
     another thread never sees it unregistered."""
@@ -231,6 +241,7 @@ def _make_temp(dest: Path, kind: str, directory: bool = True) -> Path:
             path = Path(tempfile.mkdtemp(prefix=prefix, dir=dest.parent))
         else:
             fd, name = tempfile.mkstemp(prefix=prefix, dir=dest.parent)
+            os.fchmod(fd, FILE_MODE)  # mkstemp makes it private; a published file is not
             os.close(fd)
             path = Path(name)
         _LIVE.add(path)
@@ -312,6 +323,7 @@ def atomic_dir(dest: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise CfspError(f"cannot create output directory next to {dest}: {err}") from err
     try:
         yield tmp
+        publish_modes(tmp)
         _publish(tmp, dest)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)

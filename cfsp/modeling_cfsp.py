@@ -4,7 +4,9 @@ A CFSP checkpoint whose blocks have different widths lists them in `config.cfsp_
 (one {num_attention_heads, num_key_value_heads, intermediate_size} per block). Stock modeling
 code builds every block at the config's dense width; `resize_to_layer_widths` rebuilds each
 block's projections at its own width before the weights are loaded. `config.cfsp_extra_bias`
-lists projections that carry a compensation bias the stock config cannot express.
+lists projections that carry a compensation bias the stock config cannot express. Such a
+checkpoint's config.json says `model_type: cfsp_<stock type>` (cfsp_llama, ...), so stock code
+never builds it at the wrong widths: it asks for trust_remote_code instead.
 
 Projections are known by name. One that produces roles stacks their rows in order: q_proj = [q],
 Phi-3's qkv_proj = [q; k; v] and gate_up_proj = [gate; up] (q: heads * head_dim rows, k and v:
@@ -23,6 +25,9 @@ with trust_remote_code=True) load it too.
 """
 
 from torch import nn
+
+# model_type of a checkpoint that needs this file: `cfsp_` + the stock type (cfsp_llama, ...)
+CFSP_PREFIX = "cfsp_"
 
 # output projection name -> the roles whose rows it stacks, in row order
 _ROW_ROLES = {
@@ -143,42 +148,63 @@ def resize_to_layer_widths(model, config):
     return model
 
 
-def _remote_class(base):
-    class CfspForCausalLM(base):
+def _remote_classes(config_base, model_base):
+    """A config class with its own model_type (`cfsp_<stock type>`) and the model class that
+    builds it: a stock `from_pretrained` without remote code then stops with transformers'
+    "contains custom code ... pass trust_remote_code=True" instead of a size-mismatch report."""
+    config_cls = type(
+        "Cfsp" + config_base.__name__,
+        (config_base,),
+        {"model_type": CFSP_PREFIX + config_base.model_type, "__module__": __name__},
+    )
+
+    class CfspForCausalLM(model_base):
+        config_class = config_cls
+
         def __init__(self, config):
             super().__init__(config)
             resize_to_layer_widths(self, config)
 
-    CfspForCausalLM.__name__ = "Cfsp" + base.__name__
-    return CfspForCausalLM
+    CfspForCausalLM.__name__ = "Cfsp" + model_base.__name__
+    CfspForCausalLM.__qualname__ = CfspForCausalLM.__name__
+    return config_cls, CfspForCausalLM
 
 
 try:  # classes for auto_map; absent families simply are not offered
-    from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
-    CfspLlamaForCausalLM = _remote_class(LlamaForCausalLM)
-    CfspMistralForCausalLM = _remote_class(MistralForCausalLM)
-    CfspQwen2ForCausalLM = _remote_class(Qwen2ForCausalLM)
+    CfspLlamaConfig, CfspLlamaForCausalLM = _remote_classes(LlamaConfig, LlamaForCausalLM)
+    CfspMistralConfig, CfspMistralForCausalLM = _remote_classes(MistralConfig, MistralForCausalLM)
+    CfspQwen2Config, CfspQwen2ForCausalLM = _remote_classes(Qwen2Config, Qwen2ForCausalLM)
 except ImportError:  # pragma: no cover
     pass
 
 try:  # newer families, each on its own: an older transformers without them keeps the rest
-    from transformers import Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    CfspQwen3ForCausalLM = _remote_class(Qwen3ForCausalLM)
+    CfspQwen3Config, CfspQwen3ForCausalLM = _remote_classes(Qwen3Config, Qwen3ForCausalLM)
 except ImportError:  # pragma: no cover
     pass
 
 try:
-    from transformers import Phi3ForCausalLM
+    from transformers import Phi3Config, Phi3ForCausalLM
 
-    CfspPhi3ForCausalLM = _remote_class(Phi3ForCausalLM)
+    CfspPhi3Config, CfspPhi3ForCausalLM = _remote_classes(Phi3Config, Phi3ForCausalLM)
 except ImportError:  # pragma: no cover
     pass
 
 try:  # Gemma 3 text (gemma3_text): same roles; q_norm / k_norm are per head_dim and stay
-    from transformers import Gemma3ForCausalLM
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    CfspGemma3ForCausalLM = _remote_class(Gemma3ForCausalLM)
+    CfspGemma3TextConfig, CfspGemma3ForCausalLM = _remote_classes(
+        Gemma3TextConfig, Gemma3ForCausalLM
+    )
 except ImportError:  # pragma: no cover
     pass

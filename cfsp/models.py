@@ -111,6 +111,8 @@ def _natural(n) -> bool:
 def _few(names: list[str], shown: int = 3) -> str:
     more = f" (+{len(names) - shown} more)" if len(names) > shown else ""
     return ", ".join(sorted(names)[:shown]) + more
+
+
 def gguf_architecture(path: Path) -> str:
     """`general.architecture` from a GGUF file's header (no tensor or vocabulary is read)."""
     try:
@@ -209,7 +211,9 @@ def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
     check_checkpoint_dir(path)
     config = _read_config(path, trust_remote_code)
     adapter_for(config)  # unsupported architectures fail here, before loading weights
-    if getattr(config, "cfsp_layer_widths", None) and not trust_remote_code:
+    if not trust_remote_code and (
+        getattr(config, "cfsp_layer_widths", None) or getattr(config, "cfsp_extra_bias", None)
+    ):
         from cfsp.export import load_pruned
 
         model = load_pruned(path, dtype=dtype)
@@ -227,7 +231,10 @@ def _from_dir(path: Path, dtype: torch.dtype, trust_remote_code: bool):
             raise CfspError(f"could not load weights from {path}: {err}") from err
         check_loading_info(path, model, info)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        # the config read above: a cfsp_<type> config.json is not one AutoConfig knows
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, config=config, trust_remote_code=trust_remote_code
+        )
     except (OSError, ValueError, TypeError) as err:
         raise CfspError(f"could not load the tokenizer in {path}: {err}") from err
     return model, tokenizer
@@ -356,6 +363,11 @@ def _read_config(path: Path, trust_remote_code: bool):
         from cfsp.export import check_shipped_code
 
         check_shipped_code(path)
+    from cfsp.export import read_config
+
+    config = read_config(path)  # a cfsp_<type> checkpoint: the stock config, no remote code
+    if config is not None:
+        return config
     try:
         return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as err:

@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cfsp.config import Params, prune_config
+from cfsp.export import write_exports
 from cfsp.io import read_json, write_json
 from cfsp.preflight import check_params
 from cfsp.report import results_table, run_report, sweep_report
@@ -177,7 +178,7 @@ def _metrics(branch: dict, dense: dict, evaluation: dict, rec: dict, stats: dict
     return out
 
 
-def _summarize(branch: dict) -> dict:
+def _summarize(branch: dict, params: Params) -> dict:
     """The run's metrics and where its artifacts are; Prefect table of its allocation."""
     alloc, rec = branch["alloc"].result(), branch["rec"].result()
     evaluation, dense = branch["eval"].result(), branch["base"]["dense"].result()
@@ -194,6 +195,13 @@ def _summarize(branch: dict) -> dict:
         description=f"Per-block allocation of {name}",
     )
     healed = branch["recover"].result() if branch["recover"] is not None else {}
+    checkpoint = (branch["recover"] or branch["rec"]).result()["path"]
+    quality = {  # known now: the model cards of the exports written here state it
+        "perplexity (pruned)": evaluation["metrics"]["ppl"],
+        "perplexity (dense)": dense["metrics"]["ppl"],
+        "evaluation": f"{params.evaluate.perplexity}, windows of {params.evaluate.seqlen} tokens",
+    }
+    exports = write_exports(checkpoint, params.export.kinds, params.dtype, quality=quality)
     return {
         "recover_losses": healed.get("losses", []),
         "recover_files": [str(Path(healed["path"]) / "recover_loss.png")] if healed else [],
@@ -201,7 +209,8 @@ def _summarize(branch: dict) -> dict:
         "model": branch["model"],
         "budget": branch["budget"],
         "method": branch["method"],
-        "checkpoint": (branch["recover"] or branch["rec"]).result()["path"],
+        "checkpoint": checkpoint,
+        "exports": exports,
         "metrics": _metrics(branch, dense, evaluation, rec, branch["base"]["stats"].result()),
         "seqlen": evaluation["metrics"]["seqlen"],
         "dense_ppl": dense["metrics"]["ppl"],
@@ -259,7 +268,7 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     preflight(uri)
     bases = {m: _model_branch(params, m, store) for m in dict.fromkeys(g[0] for g in grid)}
     branches = [_method_branch(params, m, bases[m], b, meth, store) for m, b, meth in grid]
-    summaries = [_summarize(branch) for branch in branches]
+    summaries = [_summarize(branch, params) for branch in branches]
     sweep_files = sweep_report(summaries, Path(params.output) / "report")
     summaries = [
         _track(s, b, params, uri, sweep_files) for s, b in zip(summaries, branches, strict=True)

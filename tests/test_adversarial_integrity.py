@@ -216,7 +216,8 @@ def test_verify_of_a_file_a_folder_manifest_and_an_old_manifest(ckpt, tmp_path, 
 
     code, out, _ = cli(capsys, "verify", ckpt)
     manifest_sha = sha256_file(ckpt / MANIFEST)
-    assert code == 0 and "(all 6 files checked)" in out and f"manifest sha256 {manifest_sha}" in out
+    # weights, config, generation config, modeling file, tokenizer files and the model card
+    assert code == 0 and "(all 7 files checked)" in out and f"manifest sha256 {manifest_sha}" in out
     edit_manifest(ckpt, lambda m: {k: v for k, v in m.items() if k != "files_sha256"})
     code, out, _ = cli(capsys, "verify", ckpt)  # a checkpoint of an older release
     assert code == 0 and "older manifest: only the weights are recorded" in out

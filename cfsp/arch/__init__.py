@@ -26,6 +26,8 @@ SUPPORTED = sorted(t for a in ADAPTERS for t in a.model_types)
 def adapter_for(model_or_config) -> DecoderAdapter:
     config = getattr(model_or_config, "config", model_or_config)
     model_type = getattr(config, "model_type", None)
+    if isinstance(model_type, str):  # a compact checkpoint loaded with remote code: cfsp_llama
+        model_type = model_type.removeprefix("cfsp_")
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter()
