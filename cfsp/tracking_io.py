@@ -4,6 +4,7 @@ as an external logged model (MLflow keeps its path, sha256 and parameters, not t
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 
@@ -52,13 +53,14 @@ def log_checkpoint(
     client, experiment_id: str, run_id: str, name: str, tags: dict, params: dict
 ) -> str:
     """An external logged model (READY at once: its files stay where cfsp wrote them) that
-    points at the checkpoint; the run lists it as its output. Returns the model id."""
+    points at the checkpoint; the run lists it as its output. Returns the model id. Its name is
+    the run's with `.` as `_` (`tiny-p0_3-cfsp`)."""
     from mlflow.entities import LoggedModelOutput, LoggedModelStatus
     from mlflow.utils.mlflow_tags import MLFLOW_MODEL_IS_EXTERNAL
 
     model = client.create_logged_model(
         experiment_id,
-        name=name,
+        name=re.sub(r"[/:.%\"']", "_", name),  # MLflow refuses these in model names
         source_run_id=run_id,
         tags={**tags, MLFLOW_MODEL_IS_EXTERNAL: "true"},
         params=params,

@@ -83,6 +83,7 @@ def test_slash_metrics_and_reruns_through_the_library(mlflow_server, tmp_path):
         tags={"budget": "0.3"},
         artifacts={},
         history={"recover/loss": [3.0, 2.0, 1.0]},
+        checkpoint={"path": str(tmp_path), "sha256": "0" * 64},
     )
     first, second = log_child(sweep, record), log_child(sweep, record)
     end_sweep(sweep, ok=True)
@@ -95,6 +96,9 @@ def test_slash_metrics_and_reruns_through_the_library(mlflow_server, tmp_path):
     }
     assert [m.value for m in client.get_metric_history(second, "recover/loss")] == [3, 2, 1]
     assert run.data.params["evaluate.limit"] == "4" and run.info.status == "FINISHED"
+    [output] = run.outputs.model_outputs
+    model = client.get_logged_model(output.model_id)
+    assert model.name == "x-p0_3-cfsp" and model.tags["checkpoint.path"] == str(tmp_path)
     assert client.get_run(sweep.run_id).info.status == "FINISHED"
     exp = client.get_experiment(sweep.experiment_id)
     assert exp.artifact_location.startswith("mlflow-artifacts:")
