@@ -8,6 +8,7 @@ same inputs always land in the same place and a rerun is served from cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -288,7 +289,8 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
             _track(s, b, params, asdict(parent)) for s, b in zip(summaries, branches, strict=True)
         ]
     except BaseException:
-        end_sweep(parent, ok=False)
+        with contextlib.suppress(Exception):  # the sweep's own error is the one to report
+            end_sweep(parent, ok=False)
         raise
     end_sweep(parent, ok=True, files=[str(f) for f in sweep_files])
     create_markdown_artifact(
