@@ -465,7 +465,8 @@ def dashboard_cmd(
     params: ParamsOpt = Path("params.yaml"),
     port: Annotated[int, typer.Option(help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
-    """Open the MLflow UI on the tracked runs (bound to 127.0.0.1, one worker)."""
+    """Run an MLflow tracking server on the tracked runs: 127.0.0.1, one worker, the sqlite
+    (or configured) backend, artifacts proxied by the server into <output>/mlartifacts."""
     import os
 
     from cfsp.interrupts import run_foreground
@@ -474,24 +475,19 @@ def dashboard_cmd(
     check_port(port)
     p = _params(params)
     uri = p.tracking.resolved_uri(p.output)
-    typer.echo(f"MLflow UI on http://127.0.0.1:{port} for {uri} (Ctrl-C to stop)")
+    artifacts = (Path(p.output) / "mlartifacts").absolute()
+    typer.echo(
+        f"MLflow server on http://127.0.0.1:{port} for {uri}, artifacts in {artifacts} "
+        f"(log to it with MLFLOW_TRACKING_URI=http://127.0.0.1:{port}; Ctrl-C to stop)"
+    )
     cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "ui",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
+        *(sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri),
+        *("--serve-artifacts", "--artifacts-destination", artifacts.as_uri()),
+        *("--host", "127.0.0.1", "--port", str(port), "--workers", "1"),
     ]
     code = run_foreground(cmd, env=dict(os.environ))
     if code != 0:
-        raise CfspError(f"the MLflow UI stopped with exit status {code}")
+        raise CfspError(f"the MLflow server stopped with exit status {code}")
 
 
 def _print_summaries(summaries: list[dict], seconds: float) -> None:

@@ -8,9 +8,11 @@ same inputs always land in the same place and a rerun is served from cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -22,9 +24,10 @@ from cfsp.export import write_exports
 from cfsp.io import read_json, write_json
 from cfsp.preflight import check_params
 from cfsp.report import results_table, run_report, sweep_report
+from cfsp.tracking import RunRecord, Sweep, end_sweep, start_sweep
 from flows.keys import digest, model_key, run_name, slug
 from tasks import stages as t
-from tasks.track import preflight, track
+from tasks.track import lineage_tags, preflight, track
 
 
 def _submit(task_fn, out: Path, **kwargs):
@@ -226,35 +229,35 @@ def _summarize(branch: dict, params: Params) -> dict:
     }
 
 
-def _track(summary: dict, branch: dict, params: Params, uri: str, sweep_files: list) -> dict:
-    """Per-run report next to the run's summary, then the MLflow run with everything attached."""
+def _track(summary: dict, branch: dict, params: Params, sweep: dict) -> dict:
+    """Per-run report next to the run's summary, then a new MLflow child run of the sweep."""
     folder = Path(params.output) / "runs" / summary["name"]
     folder.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(summary["allocation_plot"], folder / "allocation.png")
     report = run_report(summary, folder) + [folder / "allocation.png"]
     summary["report"] = str(folder / "report.html")
-    summary["sweep_report"] = str(next(f for f in sweep_files if f.name == "report.html"))
-    summary["mlflow_run_id"] = track(
-        summary["name"],
-        uri,
-        params.tracking.experiment,
-        {
-            "model": branch["model"],
-            "budget": branch["budget"],
-            "method": branch["method"],
+    final = (branch["recover"] or branch["rec"]).result()
+    evaluated = read_json(Path(branch["eval"].result()["path"]) / "metrics.json")
+    tags = {"model": branch["model"], "budget": f"{branch['budget']:g}", "method": branch["method"]}
+    record = RunRecord(
+        name=summary["name"],
+        params={
+            **{k: v for k, v in params.model_dump().items() if k not in GRID},
+            **{"model": branch["model"], "budget": branch["budget"], "method": branch["method"]},
             "prune": branch["config"],
-            "prepare": params.prepare.model_dump(),
-            "evaluate": params.evaluate.model_dump(),
         },
-        summary["metrics"],
-        {
+        metrics=summary["metrics"],
+        tags={**tags, **lineage_tags()},
+        artifacts={
             "": summary["files"] + summary.get("recover_files", []),
             "report": [str(f) for f in report],
-            "sweep": [str(f) for f in sweep_files],
         },
-        str(Path(params.output) / "mlartifacts"),
-        {"recover_loss": summary["recover_losses"]} if summary.get("recover_losses") else None,
+        history={"recover_loss": summary["recover_losses"]} if summary["recover_losses"] else None,
+        calibration=branch["base"]["tokens"].result().get("fingerprint"),
+        evaluation={s: r.get("fingerprint") for s, r in evaluated["perplexity"].items()},
+        checkpoint={"path": final["path"], "sha256": final["hash"]},
     )
+    summary["mlflow_run_id"] = track(sweep, asdict(record))
     write_json(folder / "summary.json", summary)
     get_run_logger().info(
         "%s: %s", summary["name"], {k: round(v, 4) for k, v in summary["metrics"].items()}
@@ -262,17 +265,43 @@ def _track(summary: dict, branch: dict, params: Params, uri: str, sweep_files: l
     return summary
 
 
+GRID = ("models", "budgets", "methods")  # one value each per child run: logged as model, ...
+
+
+def _start_sweep(params: Params, grid: list[tuple[str, float, str]]) -> Sweep:
+    """The sweep's parent run: named after its models, holding the whole request."""
+    models = "+".join(slug(Path(m).name or m) for m in dict.fromkeys(g[0] for g in grid))
+    return start_sweep(
+        params.tracking.resolved_uri(params.output),
+        params.tracking.experiment,
+        f"sweep-{models}",
+        params.model_dump(),
+        str(Path(params.output) / "mlartifacts"),
+        lineage_tags(),
+    )
+
+
 def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     store = Path(params.output) / "store"
-    uri = params.tracking.resolved_uri(params.output)
-    preflight(uri)
-    bases = {m: _model_branch(params, m, store) for m in dict.fromkeys(g[0] for g in grid)}
-    branches = [_method_branch(params, m, bases[m], b, meth, store) for m, b, meth in grid]
-    summaries = [_summarize(branch, params) for branch in branches]
-    sweep_files = sweep_report(summaries, Path(params.output) / "report")
-    summaries = [
-        _track(s, b, params, uri, sweep_files) for s, b in zip(summaries, branches, strict=True)
-    ]
+    preflight(params.tracking.resolved_uri(params.output))
+    parent = _start_sweep(params, grid)
+    summaries, sweep_files = [], []
+    try:
+        bases = {m: _model_branch(params, m, store) for m in dict.fromkeys(g[0] for g in grid)}
+        branches = [_method_branch(params, m, bases[m], b, meth, store) for m, b, meth in grid]
+        summaries = [_summarize(branch, params) for branch in branches]
+        sweep_files = sweep_report(summaries, Path(params.output) / "report")
+        report = str(next(f for f in sweep_files if f.name == "report.html"))
+        for s in summaries:
+            s["sweep_report"], s["mlflow_parent_run_id"] = report, parent.run_id
+        summaries = [
+            _track(s, b, params, asdict(parent)) for s, b in zip(summaries, branches, strict=True)
+        ]
+    except BaseException:
+        with contextlib.suppress(Exception):  # the sweep's own error is the one to report
+            end_sweep(parent, ok=False)
+        raise
+    end_sweep(parent, ok=True, files=[str(f) for f in sweep_files])
     create_markdown_artifact(
         key="evaluation-summary",
         markdown=results_table(summaries),

@@ -33,4 +33,6 @@ def slug(text: str) -> str:
 
 
 def run_name(model: str, method: str, budget: float) -> str:
-    return f"{slug(Path(model).name or model)}__{slug(method)}__p{budget:g}"
+    """`smollm2-135m-p0.3-cfsp`: model, budget, method (the MLflow run name and the folder of
+    its report; MLflow shows long names cut at the end, so the method comes last)."""
+    return f"{slug(Path(model).name or model)}-p{budget:g}-{slug(method)}"

@@ -460,7 +460,7 @@ def test_two_runs_started_together_in_a_fresh_folder(proj, tmp_path):
                 p.kill()
     for proc, (out, err) in zip(procs, results, strict=True):
         assert proc.returncode == 0, err[-3000:]
-        assert "checkpoint tiny__cfsp__p0.3:" in out
+        assert "checkpoint tiny-p0.3-cfsp:" in out
         assert not [ln for ln in err.splitlines() if ln.startswith("error:")], err[-3000:]
     checkpoint = next(line for line in out.splitlines() if line.startswith("checkpoint "))
     assert verify_checkpoint(checkpoint.split(": ", 1)[1]) == []

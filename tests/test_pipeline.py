@@ -49,7 +49,7 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     # The MLflow run, read back through the client.
     client = mlflow.MlflowClient(f"sqlite:///{tiny_project / 'out/mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])
-    assert run.info.run_name == "tiny__cfsp__p0.4"
+    assert run.info.run_name == "tiny-p0.4-cfsp"
     assert run.data.params["budget"] == "0.4" and run.data.params["prune.criterion"] == "cfsp"
     assert "ppl_file-text.txt_s16_ratio" in run.data.metrics
     for tag in ("fp32", "bf16"):  # speed against the dense model, measured in the same process
@@ -58,16 +58,17 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
         assert run.data.metrics[f"prefill_speedup_{tag}"] > 0
     for stage in ("prepare", "capture", "allocate", "prune", "reconstruct", "evaluate"):
         assert run.data.metrics[f"time_{stage}_s"] > 0
-    for tag in ("git.commit", "dvc.lock.sha256", "prefect.flow_run_id", "cfsp.version"):
+    for tag in ("git.dirty", "dvc.lock.sha256", "prefect.flow_run_id", "cfsp.version", "budget"):
         assert tag in run.data.tags
     assert run.data.tags["prefect.flow_run_id"] != "none"
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"allocation.png", "cfsp_manifest.json", "metrics.json"} <= names
 
-    # A rerun is served from cache: no artifact is rewritten, the same MLflow run is updated.
+    # A rerun is served from cache: no artifact is rewritten; it is a new MLflow run, same name.
     before = {s: _mtimes(tiny_project, s) for s in ("prepare", "capture", "reconstruct")}
     [again] = run_sweep(params)
-    assert again["mlflow_run_id"] == summary["mlflow_run_id"]
+    assert again["mlflow_run_id"] != summary["mlflow_run_id"]
+    assert client.get_run(again["mlflow_run_id"]).info.run_name == run.info.run_name
     assert {s: _mtimes(tiny_project, s) for s in before} == before
     # Changing only an evaluation parameter reruns only evaluation.
     evaluated = _mtimes(tiny_project, "evaluate")
@@ -373,6 +374,8 @@ def test_flow_with_recovery_logs_the_loss_curve(tiny_project, prefect_server, mo
     history = client.get_metric_history(run.info.run_id, "recover_loss")
     assert [m.step for m in history] == [1, 2, 3]
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"recover_loss.png", "report", "sweep"} <= names
-    sweep = {a.path for a in client.list_artifacts(run.info.run_id, "sweep")}
+    assert {"recover_loss.png", "report"} <= names
+    parent = summary["mlflow_parent_run_id"]  # the sweep's reports are the parent run's
+    assert run.data.tags["mlflow.parentRunId"] == parent
+    sweep = {a.path for a in client.list_artifacts(parent, "sweep")}
     assert {"sweep/report.html", "sweep/ppl_vs_budget.png", "sweep/tradeoff.png"} <= sweep
