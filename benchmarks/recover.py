@@ -18,16 +18,16 @@ import time
 from pathlib import Path
 
 from benchmarks.compare import variant_config
-from cfsp.allocate import block_scores
-from cfsp.api import count_params, library_versions
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import RecoverConfig
 from cfsp.data import calibration_windows, evaluation_windows
-from cfsp.evaluate.perplexity import perplexity
+from cfsp.engine.allocate import block_scores
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.evaluation.perplexity import perplexity
 from cfsp.io import write_json
 from cfsp.logs import setup_logging
 from cfsp.models import load_model
+from cfsp.pruning import count_params, library_versions
 from cfsp.recover import recover
 
 log = logging.getLogger("recover-bench")

@@ -105,7 +105,7 @@ def eval_cmd(
     """Perplexity of a model on text sources at an explicit context length; optionally zero-shot
     accuracy (--tasks) and speed/memory against the dense model (--speed --reference)."""
     from cfsp.config import EvalConfig, validate
-    from cfsp.evaluate.api import evaluate_model
+    from cfsp.evaluation.from_spec import evaluate_model
 
     if out is not None:
         from cfsp.io import check_output_file
@@ -168,7 +168,7 @@ def export_tasks_cmd(
 ) -> None:
     """Write lm-eval task configs over the local evaluation data, for the plain lm_eval CLI:
     `lm_eval --model hf --model_args pretrained=DIR --tasks cfsp_piqa --include_path OUT`."""
-    from cfsp.evaluate.zeroshot import export_tasks
+    from cfsp.evaluation.zeroshot import export_tasks
 
     folder = export_tasks(out)
     typer.echo(
@@ -228,8 +228,8 @@ def prune_cmd(
     trust_remote_code: RemoteOpt = False,
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
-    from cfsp.api import compress
     from cfsp.config import CalibConfig, PruneConfig, validate
+    from cfsp.pruning import prune_to_checkpoint
 
     prune_values = {
         "budget": budget,
@@ -253,7 +253,7 @@ def prune_cmd(
         {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "calibration options",
     )
-    manifest = compress(
+    manifest = prune_to_checkpoint(
         model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, overwrite=overwrite
     )
     report = manifest["prune"]

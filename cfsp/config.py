@@ -109,7 +109,7 @@ class CaptureConfig(Strict):
 
 
 class SpeedConfig(Strict):
-    """Dense vs pruned speed and memory in one process (cfsp.evaluate.speed)."""
+    """Dense vs pruned speed and memory in one process (cfsp.evaluation.speed)."""
 
     enabled: bool = False
     batch: Count = 1

@@ -22,17 +22,17 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cfsp.api import build_manifest
-from cfsp.capture import Statistics, capture
-from cfsp.compress import Allocation, allocate, prune_model
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
 from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash
+from cfsp.engine.capture import Statistics, capture
+from cfsp.engine.driver import Allocation, allocate, prune_model
 from cfsp.errors import CfspError, UsageError
-from cfsp.evaluate.api import count_params, evaluate_model
+from cfsp.evaluation.from_spec import count_params, evaluate_model
 from cfsp.export import read_manifest, save_checkpoint
 from cfsp.io import atomic_dir, check_output_dir, read_json, write_json
 from cfsp.models import check_safetensors, load_model
 from cfsp.plots import allocation_plot, loss_plot
+from cfsp.pruning import build_manifest
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def recover_stage(
     importance when cfg.mode == "ig". Disabled: `out` is the input checkpoint, hard-linked."""
     import torch
 
-    from cfsp.allocate import block_scores
+    from cfsp.engine.allocate import block_scores
     from cfsp.recover import recover
 
     check_output_dir(out)

@@ -3,7 +3,7 @@ import math
 import torch
 
 from cfsp.arch import adapter_for
-from cfsp.capture import Statistics, angular_distance, capture
+from cfsp.engine.capture import Statistics, angular_distance, capture
 from tests.conftest import random_windows, tiny_model
 
 

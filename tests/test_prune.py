@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from cfsp.allocate import Geometry, achieved_fraction, cfsp_keep_ratios, counts_from_ratios
 from cfsp.arch import adapter_for
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import PruneConfig
+from cfsp.engine.allocate import Geometry, achieved_fraction, cfsp_keep_ratios, counts_from_ratios
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.engine.importance import CRITERIA, block_scores
 from cfsp.errors import UsageError
-from cfsp.importance import CRITERIA, block_scores
 from tests.conftest import random_windows, tiny_model
 
 
@@ -114,7 +114,7 @@ def test_cfsp_allocation_follows_angular_distance():
 
 @pytest.mark.parametrize("budget", [-0.1, 1.0, 1.5, float("nan")])
 def test_bad_budgets_rejected(budget):
-    from cfsp.allocate import check_budget
+    from cfsp.engine.allocate import check_budget
 
     with pytest.raises(UsageError):
         check_budget(budget)

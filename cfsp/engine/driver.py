@@ -12,7 +12,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cfsp.allocate import (
+from cfsp.arch import DecoderAdapter, adapter_for
+from cfsp.arch.base import head_rows
+from cfsp.config import PruneConfig
+from cfsp.data import TokenWindows
+from cfsp.engine.allocate import (
     BlockCounts,
     Geometry,
     achieved_fraction,
@@ -21,9 +25,7 @@ from cfsp.allocate import (
     counts_from_ratios,
     flap_counts,
 )
-from cfsp.arch import DecoderAdapter, adapter_for
-from cfsp.arch.base import head_rows
-from cfsp.capture import (
+from cfsp.engine.capture import (
     BlockStats,
     Statistics,
     block_forward,
@@ -31,12 +33,10 @@ from cfsp.capture import (
     peak_rss_mib,
     run_block,
 )
-from cfsp.config import PruneConfig
-from cfsp.data import TokenWindows
+from cfsp.engine.importance import block_scores
+from cfsp.engine.reconstruct import fold, relative_error
+from cfsp.engine.slicing import BlockPlan, apply_plan, select, update_config
 from cfsp.errors import UsageError
-from cfsp.importance import block_scores
-from cfsp.prune import BlockPlan, apply_plan, select, update_config
-from cfsp.reconstruct import fold, relative_error
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cfsp.allocate import BlockCounts
 from cfsp.arch import BlockWidths, DecoderAdapter
+from cfsp.engine.allocate import BlockCounts
 
 
 @dataclass

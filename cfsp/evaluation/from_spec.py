@@ -8,7 +8,7 @@ import time
 from cfsp import __version__
 from cfsp.config import EvalConfig
 from cfsp.data import evaluation_windows
-from cfsp.evaluate.perplexity import perplexity
+from cfsp.evaluation.perplexity import perplexity
 from cfsp.models import check_model_spec, load_model
 from cfsp.preflight import check_evaluation
 
@@ -56,7 +56,7 @@ def evaluate_model(
         )
     zero = None
     if cfg.tasks:
-        from cfsp.evaluate.zeroshot import zeroshot
+        from cfsp.evaluation.zeroshot import zeroshot
 
         zero = zeroshot(loaded.model, loaded.tokenizer, cfg.tasks, cfg.task_limit)
         log.info(
@@ -84,7 +84,7 @@ def evaluate_model(
 
 
 def _speed(model, cfg: EvalConfig, reference: str | None, trust_remote_code: bool) -> dict:
-    from cfsp.evaluate.speed import compare, measure
+    from cfsp.evaluation.speed import compare, measure
 
     if reference is None:
         return {"config": cfg.speed.model_dump(), "dtypes": measure({"model": model}, cfg.speed)}

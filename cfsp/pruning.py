@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from cfsp import __version__
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import CalibConfig, PruneConfig
 from cfsp.data import calibration_windows, check_source
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
 from cfsp.errors import UsageError
-from cfsp.evaluate.api import count_params
+from cfsp.evaluation.from_spec import count_params
 from cfsp.export import MANIFEST, read_manifest, save_checkpoint
 from cfsp.faults import signal_point
 from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
@@ -85,7 +85,7 @@ def _describe(request: dict | None) -> str:
     return f"{request.get('model')} {prune.get('method')} budget {prune.get('budget')}"
 
 
-def compress(
+def prune_to_checkpoint(
     model_spec: str,
     calib: CalibConfig,
     prune: PruneConfig,

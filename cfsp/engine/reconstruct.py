@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from cfsp.capture import ChannelStats
+from cfsp.engine.capture import ChannelStats
 from cfsp.errors import UsageError
 
 METHODS = ("liar", "bias", "none")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from cfsp.arch import BlockParts
-from cfsp.capture import BlockStats, ChannelStats
+from cfsp.engine.capture import BlockStats, ChannelStats
 from cfsp.errors import UsageError
 
 CRITERIA = ("cfsp", "act_norm", "wanda_sp", "flap", "magnitude", "random")
