@@ -26,8 +26,8 @@ from cfsp.engine.driver import prune_model
 from cfsp.evaluation.perplexity import perplexity
 from cfsp.io import write_json
 from cfsp.logs import setup_logging
-from cfsp.models import load_model
-from cfsp.pruning import count_params, library_versions
+from cfsp.models import count_params, load_model
+from cfsp.pruning import library_versions
 
 log = logging.getLogger("compare")
 

@@ -37,9 +37,9 @@ from cfsp.evaluation.perplexity import perplexity
 from cfsp.evaluation.speed import macs_per_token, measure
 from cfsp.io import read_json, write_json
 from cfsp.logs import setup_logging
-from cfsp.models import load_model
+from cfsp.models import count_params, load_model
 from cfsp.plots import ppl_vs_budget_plot
-from cfsp.pruning import count_params, library_versions
+from cfsp.pruning import library_versions
 
 log = logging.getLogger("suite")
 HERE = Path(__file__).resolve().parent

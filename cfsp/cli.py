@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cfsp import __version__
+from cfsp.engine.registry import ALLOCATIONS, CRITERIA, PRESETS, RECONSTRUCTIONS
 from cfsp.errors import CfspError, UsageError
 
 log = logging.getLogger("cfsp")
@@ -184,22 +185,19 @@ def prune_cmd(
         float,
         typer.Option(help="Fraction of decoder-block weight parameters to remove, in [0, 1)."),
     ] = 0.3,
-    method: Annotated[
-        str, typer.Option(help="Preset: cfsp, flap, wanda_sp, act_norm, magnitude, random.")
-    ] = "cfsp",
+    method: Annotated[str, typer.Option(help=f"Preset: {', '.join(PRESETS)}.")] = "cfsp",
     out: Annotated[Path, typer.Option(help="Output checkpoint directory.")] = Path("out/pruned"),
     allocation: Annotated[
-        str | None, typer.Option(help="Override the preset's allocation: cfsp, uniform, flap.")
+        str | None,
+        typer.Option(help=f"Override the preset's allocation: {ALLOCATIONS.described()}."),
     ] = None,
     criterion: Annotated[
         str | None,
-        typer.Option(
-            help="Override the preset's criterion: cfsp, act_norm, wanda_sp, flap, magnitude, "
-            "random."
-        ),
+        typer.Option(help=f"Override the preset's criterion: {CRITERIA.described()}."),
     ] = None,
     reconstruct: Annotated[
-        str | None, typer.Option(help="Override the preset's reconstruction: liar, bias, none.")
+        str | None,
+        typer.Option(help=f"Override the preset's reconstruction: {RECONSTRUCTIONS.described()}."),
     ] = None,
     structures: Annotated[
         str,

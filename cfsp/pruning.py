@@ -15,11 +15,10 @@ from cfsp.data import calibration_windows, check_source
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import prune_model
 from cfsp.errors import UsageError
-from cfsp.evaluation.from_spec import count_params
 from cfsp.export import MANIFEST, read_manifest, save_checkpoint
 from cfsp.faults import signal_point
 from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
-from cfsp.models import check_model_spec, load_model
+from cfsp.models import check_model_spec, count_params, load_model
 
 log = logging.getLogger(__name__)
 

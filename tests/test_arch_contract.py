@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig
 
 from cfsp.arch import SUPPORTED, adapter_for
-from cfsp.engine.slicing import BlockPlan
+from cfsp.engine.plan import BlockPlan
 from cfsp.errors import UsageError
 
 

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from cfsp.config import PruneConfig
-from cfsp.engine.capture import ChannelStats, capture
+from cfsp.engine.capture import capture
 from cfsp.engine.driver import prune_model
 from cfsp.engine.reconstruct import fold, relative_error
+from cfsp.engine.statistics import ChannelStats
 from tests.conftest import random_windows, tiny_model
 
 

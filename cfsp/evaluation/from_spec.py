@@ -9,15 +9,10 @@ from cfsp import __version__
 from cfsp.config import EvalConfig
 from cfsp.data import evaluation_windows
 from cfsp.evaluation.perplexity import perplexity
-from cfsp.models import check_model_spec, load_model
+from cfsp.models import check_model_spec, count_params, load_model
 from cfsp.preflight import check_evaluation
 
 log = logging.getLogger(__name__)
-
-
-def count_params(model) -> int:
-    # Tied embeddings are one tensor: count each parameter object once.
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def evaluate_model(
