@@ -11,14 +11,15 @@ import torch
 
 from cfsp import __version__
 from cfsp.config import CalibConfig, PruneConfig
-from cfsp.data import calibration_windows, check_source
+from cfsp.data import TokenWindows, calibration_windows, check_source
 from cfsp.engine.capture import capture
-from cfsp.engine.driver import prune_model
+from cfsp.engine.driver import PruneReport, prune_model
+from cfsp.engine.target import Target
 from cfsp.errors import UsageError
 from cfsp.export import MANIFEST, read_manifest, save_checkpoint
 from cfsp.faults import signal_point
 from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
-from cfsp.models import check_model_spec, count_params, load_model
+from cfsp.models import LoadedModel, check_model_spec, count_params, load_model
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,26 @@ def _describe(request: dict | None) -> str:
     return f"{request.get('model')} {prune.get('method')} budget {prune.get('budget')}"
 
 
+def prune_loaded(
+    loaded: LoadedModel,
+    windows: TokenWindows,
+    cfg: PruneConfig,
+    timings: dict,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[PruneReport, int]:
+    """Capture statistics on `windows` and prune `loaded.model` in place (the model resolved
+    once for both); return the report and the parameter count before pruning."""
+    target = Target.of(loaded.model)
+    params_before = count_params(loaded.model)
+    t1 = time.perf_counter()
+    stats = capture(target, windows, batch_size=batch_size, progress=progress)
+    timings["capture"] = time.perf_counter() - t1
+    report = prune_model(target, stats, cfg, windows=windows, batch_size=batch_size)
+    timings.update({f"prune_{k}": v for k, v in report.timings.items()})
+    return report, params_before
+
+
 def prune_to_checkpoint(
     model_spec: str,
     calib: CalibConfig,
@@ -94,7 +115,8 @@ def prune_to_checkpoint(
     batch_size: int = 8,
     overwrite: bool = False,
 ) -> dict:
-    """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`."""
+    """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`
+    (what `cfsp prune` runs)."""
     out = check_writable_parent(out)
     check_model_spec(model_spec, trust_remote_code)
     check_source(calib.source, "calibration")
@@ -113,12 +135,7 @@ def prune_to_checkpoint(
         calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
     )
     timings["load_and_prepare"] = time.perf_counter() - t0
-    params_before = count_params(loaded.model)
-    t1 = time.perf_counter()
-    stats = capture(loaded.model, windows, batch_size=batch_size)
-    timings["capture"] = time.perf_counter() - t1
-    report = prune_model(loaded.model, stats, prune, windows=windows, batch_size=batch_size)
-    timings.update({f"prune_{k}": v for k, v in report.timings.items()})
+    report, params_before = prune_loaded(loaded, windows, prune, timings, batch_size)
     manifest = build_manifest(
         model_spec,
         loaded,

@@ -9,7 +9,7 @@ from cfsp import __version__
 from cfsp.config import EvalConfig
 from cfsp.data import evaluation_windows
 from cfsp.evaluation.perplexity import perplexity
-from cfsp.models import check_model_spec, count_params, load_model
+from cfsp.models import LoadedModel, check_model_spec, count_params, load_model
 from cfsp.preflight import check_evaluation
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,19 @@ def evaluate_model(
         check_model_spec(reference, trust_remote_code)
     start = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    result = evaluate_loaded(loaded, cfg, reference, trust_remote_code)
+    result.update(dtype=dtype, wall_s=round(time.perf_counter() - start, 3))
+    return result
+
+
+def evaluate_loaded(
+    loaded: LoadedModel,
+    cfg: EvalConfig,
+    reference: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Score a model already in memory (perplexity per source, zero-shot tasks, speed)."""
+    start = time.perf_counter()
     # Build every window set first: a bad source fails before minutes of scoring.
     windows = {
         s: evaluation_windows(s, loaded.tokenizer, cfg.seqlen, cfg.limit, loaded.model)
@@ -62,10 +75,10 @@ def evaluate_model(
         )
     speed = _speed(loaded.model, cfg, reference, trust_remote_code) if cfg.speed.enabled else None
     return {
-        "model": model_spec,
+        "model": loaded.spec,
         "model_path": loaded.path,
         "revision": loaded.revision,
-        "dtype": dtype,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "params": count_params(loaded.model),
         "seqlen": cfg.seqlen,
         "limit": cfg.limit,
