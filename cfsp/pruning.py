@@ -89,12 +89,14 @@ def prune_loaded(
     loaded: LoadedModel,
     windows: TokenWindows,
     cfg: PruneConfig,
+    calib: CalibConfig,
     timings: dict,
     batch_size: int = 8,
     progress: bool = True,
-) -> tuple[PruneReport, int]:
+    **extra,
+) -> tuple[PruneReport, dict]:
     """Capture statistics on `windows` and prune `loaded.model` in place (the model resolved
-    once for both); return the report and the parameter count before pruning."""
+    once for both); return the report and the manifest (`extra` keys appended to it)."""
     target = Target.of(loaded.model)
     params_before = count_params(loaded.model)
     t1 = time.perf_counter()
@@ -102,7 +104,17 @@ def prune_loaded(
     timings["capture"] = time.perf_counter() - t1
     report = prune_model(target, stats, cfg, windows=windows, batch_size=batch_size)
     timings.update({f"prune_{k}": v for k, v in report.timings.items()})
-    return report, params_before
+    manifest = build_manifest(
+        loaded.spec,
+        loaded,
+        windows.fingerprint,
+        report,
+        params_before,
+        timings,
+        calibration={"config": calib.model_dump()},
+        **extra,
+    )
+    return report, manifest
 
 
 def prune_to_checkpoint(
@@ -135,17 +147,8 @@ def prune_to_checkpoint(
         calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
     )
     timings["load_and_prepare"] = time.perf_counter() - t0
-    report, params_before = prune_loaded(loaded, windows, prune, timings, batch_size)
-    manifest = build_manifest(
-        model_spec,
-        loaded,
-        windows.fingerprint,
-        report,
-        params_before,
-        timings,
-        calibration={"config": calib.model_dump()},
-        request=request,
-        dtype=dtype,
+    report, manifest = prune_loaded(
+        loaded, windows, prune, calib, timings, batch_size, request=request, dtype=dtype
     )
     with atomic_dir(out) as tmp:
         save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest)
@@ -154,7 +157,7 @@ def prune_to_checkpoint(
         model_spec,
         100 * report.achieved_fraction,
         100 * prune.budget,
-        params_before,
+        manifest["params_before"],
         manifest["params_after"],
         out,
     )

@@ -24,7 +24,7 @@ from cfsp.export import save_checkpoint
 from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
 from cfsp.models import LoadedModel, check_model_spec, load_model
 from cfsp.preflight import check_evaluation
-from cfsp.pruning import build_manifest, prune_loaded
+from cfsp.pruning import prune_loaded
 
 
 class Pruned(NamedTuple):
@@ -80,16 +80,9 @@ def prune(
         text or calib.source, loaded.tokenizer, nsamples, seqlen, seed, loaded.model
     )
     timings["load_and_prepare"] = time.perf_counter() - t0
-    report, params_before = prune_loaded(loaded, windows, cfg, timings, batch_size, progress)
-    manifest = build_manifest(
-        loaded.spec,
-        loaded,
-        windows.fingerprint,
-        report,
-        params_before,
-        timings,
-        calibration={"config": calib.model_dump()},
-        dtype=str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+    dtype_name = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    _, manifest = prune_loaded(
+        loaded, windows, cfg, calib, timings, batch_size, progress, dtype=dtype_name
     )
     return Pruned(loaded.model, loaded.tokenizer, manifest)
 
