@@ -19,15 +19,15 @@ from pathlib import Path
 
 import torch
 
-from cfsp.api import count_params, library_versions
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import PruneConfig, parse_variant, validate
 from cfsp.data import calibration_windows, evaluation_windows
-from cfsp.evaluate.perplexity import perplexity
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.evaluation.perplexity import perplexity
 from cfsp.io import write_json
 from cfsp.logs import setup_logging
-from cfsp.models import load_model
+from cfsp.models import count_params, load_model
+from cfsp.pruning import library_versions
 
 log = logging.getLogger("compare")
 

@@ -18,16 +18,16 @@ import time
 from pathlib import Path
 
 from benchmarks.compare import variant_config
-from cfsp.allocate import block_scores
-from cfsp.api import count_params, library_versions
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import RecoverConfig
 from cfsp.data import calibration_windows, evaluation_windows
-from cfsp.evaluate.perplexity import perplexity
+from cfsp.engine.allocate import coarse_scores
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.evaluation.perplexity import perplexity
 from cfsp.io import write_json
 from cfsp.logs import setup_logging
-from cfsp.models import load_model
+from cfsp.models import count_params, load_model
+from cfsp.pruning import library_versions
 from cfsp.recover import recover
 
 log = logging.getLogger("recover-bench")
@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
     dense_ppl = score(dense)
     pruned = copy.deepcopy(dense)
     prune_model(pruned, stats, variant_config(args.method, args.budget), windows=calib)
-    importance = block_scores(stats.angular()).tolist()
+    importance = coarse_scores(stats.angular()).tolist()
     result = {
         "settings": vars(args) | {"out": str(args.out)},
         "versions": library_versions(),

@@ -189,8 +189,8 @@ def measure(args, writer) -> dict:
 
 def _row(args, model_dir, out, run, maxrss, forward, machine) -> dict:
     from benchmarks.scale import SHAPES
-    from cfsp.api import library_versions
     from cfsp.export import read_manifest
+    from cfsp.pruning import library_versions
 
     manifest = read_manifest(out)
     recorded = set(manifest.get("files_sha256", {}))

@@ -29,17 +29,17 @@ import torch
 
 from benchmarks.compare import dense_forward_seconds, variant_config
 from benchmarks.targets import TARGET_SETS, check_targets, render_markdown
-from cfsp.api import count_params, library_versions
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import SpeedConfig
 from cfsp.data import calibration_windows, evaluation_windows
-from cfsp.evaluate.perplexity import perplexity
-from cfsp.evaluate.speed import macs_per_token, measure
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.evaluation.perplexity import perplexity
+from cfsp.evaluation.speed import macs_per_token, measure
 from cfsp.io import read_json, write_json
 from cfsp.logs import setup_logging
-from cfsp.models import load_model
+from cfsp.models import count_params, load_model
 from cfsp.plots import ppl_vs_budget_plot
+from cfsp.pruning import library_versions
 
 log = logging.getLogger("suite")
 HERE = Path(__file__).resolve().parent
@@ -147,7 +147,7 @@ class Suite:
         return {s: perplexity(model, w, progress=False)["ppl"] for s, w in self.evals.items()}
 
     def zeroshot(self, model) -> dict:
-        from cfsp.evaluate.zeroshot import zeroshot
+        from cfsp.evaluation.zeroshot import zeroshot
 
         start = time.perf_counter()
         result = zeroshot(model, self.tokenizer, self.tasks, self.args.task_limit)

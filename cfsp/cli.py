@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from cfsp import __version__
+from cfsp.engine.registry import ALLOCATIONS, CRITERIA, PRESETS, RECONSTRUCTIONS
 from cfsp.errors import CfspError, UsageError
 
 log = logging.getLogger("cfsp")
@@ -137,7 +138,7 @@ def eval_cmd(
     """Perplexity of a model on text sources at an explicit context length; optionally zero-shot
     accuracy (--tasks) and speed/memory against the dense model (--speed --reference)."""
     from cfsp.config import EvalConfig, validate
-    from cfsp.evaluate.api import evaluate_model
+    from cfsp.evaluation.from_spec import evaluate_model
 
     if out is not None:
         from cfsp.io import check_output_file
@@ -200,7 +201,7 @@ def export_tasks_cmd(
 ) -> None:
     """Write lm-eval task configs over the local evaluation data, for the plain lm_eval CLI:
     `lm_eval --model hf --model_args pretrained=DIR --tasks cfsp_piqa --include_path OUT`."""
-    from cfsp.evaluate.zeroshot import export_tasks
+    from cfsp.evaluation.zeroshot import export_tasks
 
     folder = export_tasks(out)
     typer.echo(
@@ -216,22 +217,19 @@ def prune_cmd(
         float,
         typer.Option(help="Fraction of decoder-block weight parameters to remove, in [0, 1)."),
     ] = 0.3,
-    method: Annotated[
-        str, typer.Option(help="Preset: cfsp, flap, wanda_sp, act_norm, magnitude, random.")
-    ] = "cfsp",
+    method: Annotated[str, typer.Option(help=f"Preset: {', '.join(PRESETS)}.")] = "cfsp",
     out: Annotated[Path, typer.Option(help="Output checkpoint directory.")] = Path("out/pruned"),
     allocation: Annotated[
-        str | None, typer.Option(help="Override the preset's allocation: cfsp, uniform, flap.")
+        str | None,
+        typer.Option(help=f"Override the preset's allocation: {ALLOCATIONS.described()}."),
     ] = None,
     criterion: Annotated[
         str | None,
-        typer.Option(
-            help="Override the preset's criterion: cfsp, act_norm, wanda_sp, flap, magnitude, "
-            "random."
-        ),
+        typer.Option(help=f"Override the preset's criterion: {CRITERIA.described()}."),
     ] = None,
     reconstruct: Annotated[
-        str | None, typer.Option(help="Override the preset's reconstruction: liar, bias, none.")
+        str | None,
+        typer.Option(help=f"Override the preset's reconstruction: {RECONSTRUCTIONS.described()}."),
     ] = None,
     structures: Annotated[
         str,
@@ -275,9 +273,9 @@ def prune_cmd(
     ] = "compact",
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
-    from cfsp.api import compress
     from cfsp.config import CalibConfig, PruneConfig, validate
     from cfsp.io import parse_shard_size
+    from cfsp.pruning import prune_to_checkpoint
 
     parse_shard_size(max_shard_size)  # a bad size fails now, not after the pruning
 
@@ -303,7 +301,7 @@ def prune_cmd(
         {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "calibration options",
     )
-    manifest = compress(
+    manifest = prune_to_checkpoint(
         model,
         calib_cfg,
         prune_cfg,

@@ -8,19 +8,14 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cfsp.engine.registry import ALLOCATIONS, CRITERIA, PRESETS, RECONSTRUCTIONS
 from cfsp.errors import UsageError
 
-PRESETS: dict[str, dict[str, str]] = {
-    "cfsp": {"allocation": "cfsp", "criterion": "cfsp", "reconstruct": "liar"},
-    "flap": {"allocation": "flap", "criterion": "flap", "reconstruct": "bias"},
-    "wanda_sp": {"allocation": "uniform", "criterion": "wanda_sp", "reconstruct": "none"},
-    "act_norm": {"allocation": "cfsp", "criterion": "act_norm", "reconstruct": "liar"},
-    "magnitude": {"allocation": "uniform", "criterion": "magnitude", "reconstruct": "none"},
-    "random": {"allocation": "uniform", "criterion": "random", "reconstruct": "none"},
-}
-Allocation = Literal["cfsp", "uniform", "flap"]
-Criterion = Literal["cfsp", "act_norm", "wanda_sp", "flap", "magnitude", "random"]
-Reconstruct = Literal["liar", "bias", "none"]
+# The names a config may give, from the engine's registries (a tuple subscript is a Literal of
+# its items), so pydantic's schema and messages list exactly what is registered.
+AllocationName = Literal[ALLOCATIONS.names()]
+CriterionName = Literal[CRITERIA.names()]
+ReconstructionName = Literal[RECONSTRUCTIONS.names()]
 
 
 # Upper bounds that keep a request within what one machine can hold: token windows are
@@ -89,9 +84,9 @@ class PruneConfig(AllocateConfig, ReconstructConfig):
         description="fraction of decoder-block weight parameters removed",
     )
     method: str = "cfsp"
-    allocation: Allocation | None = None
-    criterion: Criterion | None = None
-    reconstruct: Reconstruct | None = None
+    allocation: AllocationName | None = None
+    criterion: CriterionName | None = None
+    reconstruct: ReconstructionName | None = None
 
     @model_validator(mode="after")
     def _fill_preset(self) -> PruneConfig:
@@ -109,7 +104,7 @@ class CaptureConfig(Strict):
 
 
 class SpeedConfig(Strict):
-    """Dense vs pruned speed and memory in one process (cfsp.evaluate.speed)."""
+    """Dense vs pruned speed and memory in one process (cfsp.evaluation.speed)."""
 
     enabled: bool = False
     batch: Count = 1

@@ -357,12 +357,17 @@ def _max_len(model_or_none) -> int | None:
 
 
 def calibration_windows(
-    spec: str, tokenizer, nsamples: int, seqlen: int, seed: int, model=None
+    spec: str | Text, tokenizer, nsamples: int, seqlen: int, seed: int, model=None
 ) -> TokenWindows:
-    """N windows of `seqlen` tokens at seeded random offsets (or sampled from `model`)."""
+    """N windows of `seqlen` tokens at seeded random offsets (or sampled from `model`).
+
+    `spec` is a text source spec, or a `Text` already in memory (the Python API's strings).
+    """
     check_window_args(seqlen, nsamples, _max_len(model))
     bos = leading_bos(tokenizer)
-    if spec == "self":
+    given = spec if isinstance(spec, Text) else None
+    spec = given.source if given else spec
+    if spec == "self" and given is None:
         if model is None:
             raise UsageError("the 'self' text source needs a model to sample from")
         ids, origin, text_sha = (
@@ -371,7 +376,7 @@ def calibration_windows(
             "",
         )
     else:
-        text = load_text(spec)
+        text = given or load_text(spec)
         tokens = tokenize(text, tokenizer)
         body = seqlen - (bos is not None)  # text tokens per window
         if tokens.numel() < body + 1:

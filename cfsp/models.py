@@ -43,6 +43,11 @@ class LoadedModel:
     revision: str  # commit hash for hub models, "local" otherwise
 
 
+def count_params(model) -> int:
+    """Parameters of a model, a tied embedding / LM head counted once (one tensor)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise UsageError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")

@@ -22,7 +22,7 @@ def check_evaluation(perplexity: list[str], tasks: list[str]) -> None:
     for source in perplexity:
         check_source(source, "evaluation")
     if tasks:
-        from cfsp.evaluate.zeroshot import check_tasks
+        from cfsp.evaluation.zeroshot import check_tasks
 
         check_tasks(tasks)
 

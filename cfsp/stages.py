@@ -22,17 +22,19 @@ from pathlib import Path
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from cfsp.api import build_manifest
-from cfsp.capture import Statistics, capture
-from cfsp.compress import Allocation, allocate, prune_model
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
 from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import plan_pruning, prune_model
+from cfsp.engine.plan import PrunePlan
+from cfsp.engine.statistics import Statistics
 from cfsp.errors import CfspError, UsageError
-from cfsp.evaluate.api import count_params, evaluate_model
+from cfsp.evaluation.from_spec import evaluate_model
 from cfsp.export import read_manifest, save_checkpoint
 from cfsp.io import atomic_dir, check_output_dir, read_json, write_json
-from cfsp.models import check_safetensors, load_model
+from cfsp.models import check_safetensors, count_params, load_model
 from cfsp.plots import allocation_plot, loss_plot
+from cfsp.pruning import build_manifest
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +132,7 @@ def allocate_stage(
     stats = _load_stats(stats_path)
     loaded = load_model(model_spec, dtype=dtype)
     start = time.perf_counter()
-    alloc = allocate(loaded.model, stats, cfg)
+    alloc = plan_pruning(loaded.model, stats, cfg)
     payload = {
         "config": cfg.model_dump(),
         "calibration": stats.fingerprint,
@@ -154,7 +156,7 @@ def allocate_stage(
 def _slice(
     model_spec: str,
     stats_path: Path,
-    alloc: Allocation,
+    alloc: PrunePlan,
     cfg: PruneConfig,
     out: Path,
     dtype: str,
@@ -166,7 +168,7 @@ def _slice(
     loaded = load_model(model_spec, dtype=dtype)
     params_before = count_params(loaded.model)
     start = time.perf_counter()
-    report = prune_model(loaded.model, stats, cfg, windows=windows, allocation=alloc)
+    report = prune_model(loaded.model, stats, cfg, windows=windows, plan=alloc)
     manifest = build_manifest(
         model_spec,
         loaded,
@@ -194,7 +196,7 @@ def prune_stage(
     alloc_file = alloc_file / ALLOCATION if alloc_file.is_dir() else alloc_file
     data = read_json(alloc_file, expect=dict)
     try:
-        alloc = Allocation.from_dict(data)
+        alloc = PrunePlan.from_dict(data)
         if len(alloc.keep_ratios) != len(alloc.blocks):
             raise ValueError("keep_ratios and blocks differ in length")
     except (KeyError, TypeError, ValueError) as err:
@@ -214,7 +216,7 @@ def reconstruct_stage(
     """Slice again with the pruned inputs folded into the kept ones (cfg.reconstruct)."""
     try:
         pruned = read_manifest(pruned_dir)["prune"]
-        alloc = Allocation.from_dict(
+        alloc = PrunePlan.from_dict(
             {"keep_ratios": pruned["keep_ratios"], "blocks": pruned["kept"]}
         )
     except (KeyError, TypeError, ValueError) as err:
@@ -257,7 +259,7 @@ def recover_stage(
     importance when cfg.mode == "ig". Disabled: `out` is the input checkpoint, hard-linked."""
     import torch
 
-    from cfsp.allocate import block_scores
+    from cfsp.engine.allocate import coarse_scores
     from cfsp.recover import recover
 
     check_output_dir(out)
@@ -274,7 +276,7 @@ def recover_stage(
         raise CfspError(
             f"{stats_dir}/capture.json records no angular distances ({_what(err)})"
         ) from err
-    importance = block_scores(angular, temperature, control).tolist()
+    importance = coarse_scores(angular, temperature, control).tolist()
     loaded = load_model(str(model_dir), dtype=dtype)
     windows = calibration_windows(
         cfg.source, loaded.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, loaded.model

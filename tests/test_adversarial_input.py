@@ -667,7 +667,7 @@ def test_output_below_a_file(proj, tmp_path, capsys):
 
 
 def test_eval_out_onto_a_folder_fails_before_evaluation(proj, tmp_path, capsys, monkeypatch):
-    import cfsp.evaluate.api as api
+    import cfsp.evaluation.from_spec as api
 
     folder = tmp_path / "results"
     folder.mkdir()

@@ -7,8 +7,8 @@ import torch
 from transformers import AutoConfig
 
 from cfsp.arch import SUPPORTED, adapter_for
+from cfsp.engine.plan import BlockPlan
 from cfsp.errors import UsageError
-from cfsp.prune import BlockPlan
 
 
 def test_roles_match_config(tiny):

@@ -3,7 +3,8 @@ import math
 import torch
 
 from cfsp.arch import adapter_for
-from cfsp.capture import Statistics, angular_distance, capture
+from cfsp.engine.capture import capture
+from cfsp.engine.statistics import Statistics, angular_distance
 from tests.conftest import random_windows, tiny_model
 
 

@@ -2,9 +2,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import PruneConfig
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
 from cfsp.export import load_pruned, save_checkpoint
 from tests.conftest import TINY, random_windows, tiny_model
 

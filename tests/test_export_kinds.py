@@ -8,10 +8,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from cfsp.capture import capture
 from cfsp.cli import main
-from cfsp.compress import prune_model
 from cfsp.config import Params, PruneConfig
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
 from cfsp.errors import CfspError, UsageError
 from cfsp.export import (
     check_exports,
@@ -176,10 +176,10 @@ def test_real_padded_export_evaluates_with_stock_lm_eval(tmp_path):
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from cfsp.api import compress
     from cfsp.config import CalibConfig
-    from cfsp.evaluate.zeroshot import _offline, export_tasks, zeroshot
+    from cfsp.evaluation.zeroshot import _offline, export_tasks, zeroshot
     from cfsp.models import load_model
+    from cfsp.pruning import prune_to_checkpoint as compress
 
     try:
         tasks = export_tasks(tmp_path / "tasks", tasks=["piqa"])

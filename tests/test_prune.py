@@ -1,13 +1,15 @@
 import pytest
 import torch
 
-from cfsp.allocate import Geometry, achieved_fraction, cfsp_keep_ratios, counts_from_ratios
 from cfsp.arch import adapter_for
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import PruneConfig
+from cfsp.engine.allocate import achieved_fraction, cfsp_keep_ratios, counts_from_ratios
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.engine.importance import fine_scores
+from cfsp.engine.plan import Geometry
+from cfsp.engine.registry import CRITERIA
 from cfsp.errors import UsageError
-from cfsp.importance import CRITERIA, block_scores
 from tests.conftest import random_windows, tiny_model
 
 
@@ -84,8 +86,8 @@ def test_cfsp_criterion_does_not_collapse_to_activation_norm():
     stats = capture(model, random_windows(), progress=False)
     adapter = adapter_for(model)
     parts = adapter.parts(adapter.layers(model)[0])
-    _, cfsp = block_scores("cfsp", parts, stats.blocks[0], 8, exponent=1.0)
-    _, act = block_scores("act_norm", parts, stats.blocks[0], 8)
+    _, cfsp = fine_scores("cfsp", parts, stats.blocks[0], 8, exponent=1.0)
+    _, act = fine_scores("act_norm", parts, stats.blocks[0], 8)
     ratio = cfsp / act
     assert ratio.std() / ratio.mean() > 0.01  # not a constant multiple
     assert not torch.equal(cfsp.argsort(), act.argsort())
@@ -114,7 +116,7 @@ def test_cfsp_allocation_follows_angular_distance():
 
 @pytest.mark.parametrize("budget", [-0.1, 1.0, 1.5, float("nan")])
 def test_bad_budgets_rejected(budget):
-    from cfsp.allocate import check_budget
+    from cfsp.engine.allocate import check_budget
 
     with pytest.raises(UsageError):
         check_budget(budget)

@@ -34,7 +34,7 @@ def windows(real):
 
 def test_real_gemma_geometry_generation_and_perplexity(real):
     from cfsp.data import evaluation_windows
-    from cfsp.evaluate.perplexity import perplexity
+    from cfsp.evaluation.perplexity import perplexity
 
     cfg = real.model.config
     assert cfg.model_type == "gemma3_text" and cfg.tie_word_embeddings
@@ -64,7 +64,7 @@ def test_real_gemma_geometry_generation_and_perplexity(real):
 
 @pytest.fixture(scope="module")
 def stats(real, windows):
-    from cfsp.capture import capture
+    from cfsp.engine.capture import capture
 
     return capture(real.model, windows, progress=False)
 
@@ -72,7 +72,7 @@ def stats(real, windows):
 def test_real_gemma_pruning_equals_masking(real, windows, stats):
     """Heads and channels sliced out == the same heads and channels zeroed in the dense model
     (no reconstruction): the adapter slices the right rows and columns on real weights."""
-    from cfsp.compress import prune_model
+    from cfsp.engine.driver import prune_model
 
     pruned, masked = copy.deepcopy(real.model), copy.deepcopy(real.model)
     cfg = PruneConfig(budget=0.3, reconstruct="none", structures="ffn+heads")
@@ -98,8 +98,8 @@ def test_real_gemma_prune_save_reload(tmp_path, real, windows, stats):
     cfsp (no remote code) and by the shipped modeling file, with the same logits."""
     from transformers import AutoModelForCausalLM
 
-    from cfsp.compress import prune_model
-    from cfsp.evaluate.api import count_params
+    from cfsp.engine.driver import prune_model
+    from cfsp.evaluation.from_spec import count_params
     from cfsp.export import save_checkpoint
     from cfsp.models import load_model
 

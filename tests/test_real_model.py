@@ -20,7 +20,7 @@ def real():
 
 def test_real_model_contract_and_perplexity(real):
     from cfsp.data import evaluation_windows
-    from cfsp.evaluate.perplexity import perplexity
+    from cfsp.evaluation.perplexity import perplexity
 
     adapter = adapter_for(real.model)
     widths = adapter.block_widths(real.model)
@@ -37,11 +37,11 @@ def test_real_model_contract_and_perplexity(real):
 def test_real_prune_save_reload(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from cfsp.api import compress
     from cfsp.models import load_model
+    from cfsp.pruning import prune_to_checkpoint
 
     out = tmp_path / "pruned"
-    manifest = compress(
+    manifest = prune_to_checkpoint(
         "smollm2-135m", CalibConfig(nsamples=8, seqlen=64), PruneConfig(budget=0.3), out
     )
     assert abs(manifest["prune"]["achieved_fraction"] - 0.3) < 0.01
@@ -53,6 +53,6 @@ def test_real_prune_save_reload(tmp_path):
     remote = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(remote(ids).logits, ours(ids).logits)
-    from cfsp.api import count_params
+    from cfsp.pruning import count_params
 
     assert count_params(ours) == manifest["params_after"]

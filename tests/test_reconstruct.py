@@ -1,10 +1,11 @@
 import pytest
 import torch
 
-from cfsp.capture import ChannelStats, capture
-from cfsp.compress import prune_model
 from cfsp.config import PruneConfig
-from cfsp.reconstruct import fold, relative_error
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.engine.reconstruct import fold, relative_error
+from cfsp.engine.statistics import ChannelStats
 from tests.conftest import random_windows, tiny_model
 
 

@@ -4,9 +4,9 @@ import random
 import pytest
 import torch
 
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import PruneConfig, validate
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
 from cfsp.errors import UsageError
 from cfsp.export import load_pruned, save_checkpoint
 from cfsp.recover import (

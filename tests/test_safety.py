@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cfsp.capture import capture
+from cfsp.engine.capture import capture
 from cfsp.errors import CfspError
 from tests.conftest import random_windows, tiny_model
 

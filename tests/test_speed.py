@@ -5,10 +5,10 @@ import copy
 import pytest
 import torch
 
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import PruneConfig, SpeedConfig
-from cfsp.evaluate.speed import compare, macs_per_token, measure, peak_memory_mib
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import prune_model
+from cfsp.evaluation.speed import compare, macs_per_token, measure, peak_memory_mib
 from tests.conftest import random_windows, tiny_model
 
 FAST = SpeedConfig(

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation through lm-eval on the local data files (cfsp.evaluate.zeroshot)."""
+"""Zero-shot evaluation through lm-eval on the local data files (cfsp.evaluation.zeroshot)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import tiny_model
 
 from cfsp.data import local_data_dir
 from cfsp.errors import UsageError
-from cfsp.evaluate.zeroshot import export_tasks, zeroshot
+from cfsp.evaluation.zeroshot import export_tasks, zeroshot
 
 DATA = local_data_dir()
 needs_data = pytest.mark.skipif(

@@ -102,7 +102,7 @@ class BlockWidths:
 
 
 class KeptIndices(Protocol):
-    """What `slice_block` needs of a plan (cfsp.prune.BlockPlan): sorted dense indices, query
+    """What `slice_block` needs of a plan (cfsp.engine.plan.BlockPlan): sorted dense indices, query
     heads grouped by KV head."""
 
     heads: list[int]

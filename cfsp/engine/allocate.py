@@ -19,57 +19,23 @@ keep_l * block cost (rounded to a multiple if asked).
            and module, one global threshold over all units by cost until 1 - p of the
            parameters are kept; heads snapped to a GQA layout, then channels re-thresholded
            globally to land on the budget.
+Each allocation is one function (geometry, angular distances [L], head scores [[H]] and
+channel scores [[m]] per block, config) -> `BlockCounts` per block, named in
+`cfsp.engine.registry.ALLOCATIONS`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from cfsp.engine.plan import BlockCounts, Geometry
 from cfsp.errors import UsageError
 
-
-@dataclass(frozen=True)
-class Geometry:
-    """Dense widths of a model's blocks (all blocks are equal before pruning)."""
-
-    hidden: int
-    head_dim: int
-    num_heads: int
-    num_kv_heads: int
-    intermediate: int
-    num_blocks: int
-
-    @property
-    def group_size(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
-    def attn_params(self, heads: int, kv_heads: int) -> int:
-        return 2 * self.hidden * self.head_dim * (heads + kv_heads)
-
-    def ffn_params(self, channels: int) -> int:
-        return 3 * self.hidden * channels
-
-    def block_params(self) -> int:
-        return self.attn_params(self.num_heads, self.num_kv_heads) + self.ffn_params(
-            self.intermediate
-        )
-
-
-@dataclass(frozen=True)
-class BlockCounts:
-    kv_heads: int
-    heads_per_group: int
-    channels: int
-
-    @property
-    def heads(self) -> int:
-        return self.kv_heads * self.heads_per_group
-
-    def params(self, geo: Geometry) -> int:
-        return geo.attn_params(self.heads, self.kv_heads) + geo.ffn_params(self.channels)
+if TYPE_CHECKING:
+    from cfsp.config import PruneConfig
 
 
 def check_budget(budget: float) -> float:
@@ -82,7 +48,7 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
-def block_scores(angular: torch.Tensor, temperature: float = 1.0, control: float = 1.0):
+def coarse_scores(angular: torch.Tensor, temperature: float = 1.0, control: float = 1.0):
     """Coarse importance s_l = sigmoid(a * z_l), z_l = standardised angular distance / T."""
     a = angular.double()
     spread = a.std() if a.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
@@ -101,7 +67,7 @@ def cfsp_keep_ratios(
     keep_mean = 1.0 - budget
     if budget == 0.0:
         return torch.ones_like(angular, dtype=torch.float64)
-    s = block_scores(angular, temperature, control)
+    s = coarse_scores(angular, temperature, control)
     if (keep_mean * s / s.mean()).max() >= 1.0:
         mean = s.mean()
         gamma = mean * (1 / keep_mean - 1) / (s.max() - mean) / 1.05
@@ -266,3 +232,24 @@ def rounding_reach(geo: Geometry, multiple: int, prune_heads: bool) -> str:
 def achieved_fraction(geo: Geometry, counts: list[BlockCounts]) -> float:
     kept = sum(c.params(geo) for c in counts)
     return 1.0 - kept / (geo.block_params() * geo.num_blocks)
+
+
+def cfsp_allocation(
+    geo: Geometry, angular: torch.Tensor, head_scores, channel_scores, cfg: PruneConfig
+) -> list[BlockCounts]:
+    keep = cfsp_keep_ratios(angular, cfg.budget, cfg.temperature, cfg.control, cfg.floor)
+    return counts_from_ratios(geo, keep, cfg.structures == "ffn+heads", cfg.round_to)
+
+
+def uniform_allocation(
+    geo: Geometry, angular: torch.Tensor, head_scores, channel_scores, cfg: PruneConfig
+) -> list[BlockCounts]:
+    keep = torch.full((geo.num_blocks,), 1.0 - cfg.budget, dtype=torch.float64)
+    return counts_from_ratios(geo, keep, cfg.structures == "ffn+heads", cfg.round_to)
+
+
+def flap_allocation(
+    geo: Geometry, angular: torch.Tensor, head_scores, channel_scores, cfg: PruneConfig
+) -> list[BlockCounts]:
+    prune_heads = cfg.structures == "ffn+heads"
+    return flap_counts(geo, head_scores, channel_scores, cfg.budget, prune_heads, cfg.round_to)

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from cfsp import __version__
-from cfsp.capture import capture
-from cfsp.compress import prune_model
 from cfsp.config import CalibConfig, PruneConfig
-from cfsp.data import calibration_windows, check_source
+from cfsp.data import TokenWindows, calibration_windows, check_source
+from cfsp.engine.capture import capture
+from cfsp.engine.driver import PruneReport, prune_model
+from cfsp.engine.target import Target
 from cfsp.errors import UsageError
-from cfsp.evaluate.api import count_params
 from cfsp.export import (
     MANIFEST,
     MAX_SHARD_SIZE,
@@ -27,7 +27,7 @@ from cfsp.export import (
 )
 from cfsp.faults import signal_point
 from cfsp.io import atomic_dir, check_replaceable, check_writable_parent
-from cfsp.models import check_model_spec, load_model
+from cfsp.models import LoadedModel, check_model_spec, count_params, load_model
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,39 @@ def _describe(request: dict | None) -> str:
     return f"{request.get('model')} {prune.get('method')} budget {prune.get('budget')}"
 
 
-def compress(
+def prune_loaded(
+    loaded: LoadedModel,
+    windows: TokenWindows,
+    cfg: PruneConfig,
+    calib: CalibConfig,
+    timings: dict,
+    batch_size: int = 8,
+    progress: bool = True,
+    **extra,
+) -> tuple[PruneReport, dict]:
+    """Capture statistics on `windows` and prune `loaded.model` in place (the model resolved
+    once for both); return the report and the manifest (`extra` keys appended to it)."""
+    target = Target.of(loaded.model)
+    params_before = count_params(loaded.model)
+    t1 = time.perf_counter()
+    stats = capture(target, windows, batch_size=batch_size, progress=progress)
+    timings["capture"] = time.perf_counter() - t1
+    report = prune_model(target, stats, cfg, windows=windows, batch_size=batch_size)
+    timings.update({f"prune_{k}": v for k, v in report.timings.items()})
+    manifest = build_manifest(
+        loaded.spec,
+        loaded,
+        windows.fingerprint,
+        report,
+        params_before,
+        timings,
+        calibration={"config": calib.model_dump()},
+        **extra,
+    )
+    return report, manifest
+
+
+def prune_to_checkpoint(
     model_spec: str,
     calib: CalibConfig,
     prune: PruneConfig,
@@ -134,20 +166,13 @@ def compress(
         calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
     )
     timings["load_and_prepare"] = time.perf_counter() - t0
-    params_before = count_params(loaded.model)
-    t1 = time.perf_counter()
-    stats = capture(loaded.model, windows, batch_size=batch_size)
-    timings["capture"] = time.perf_counter() - t1
-    report = prune_model(loaded.model, stats, prune, windows=windows, batch_size=batch_size)
-    timings.update({f"prune_{k}": v for k, v in report.timings.items()})
-    manifest = build_manifest(
-        model_spec,
+    report, manifest = prune_loaded(
         loaded,
-        windows.fingerprint,
-        report,
-        params_before,
+        windows,
+        prune,
+        calib,
         timings,
-        calibration={"config": calib.model_dump()},
+        batch_size,
         request=request,
         dtype=dtype,
         exports={kind: str(folder) for kind, folder in dirs.items()},
@@ -160,7 +185,7 @@ def compress(
         model_spec,
         100 * report.achieved_fraction,
         100 * prune.budget,
-        params_before,
+        manifest["params_before"],
         manifest["params_after"],
         out,
     )

@@ -15,6 +15,10 @@ Per input channel j of W_down (FFN channel j) or of W_o (one of a head's hd chan
              With column normalisation alone each term is constant and the score collapses to
              ||X_j||^c; the row term makes it depend on the weights.
 A head's score is the sum of its hd channel scores.
+
+Every criterion is one function here, named in `cfsp.engine.registry.CRITERIA`:
+(W_out [d, n], producers [[n, d], ...], `ChannelStats` of the n inputs, exponent c, seeded
+generator) -> scores [n], float64; higher means keep.
 """
 
 from __future__ import annotations
@@ -22,10 +26,8 @@ from __future__ import annotations
 import torch
 
 from cfsp.arch import BlockParts
-from cfsp.capture import BlockStats, ChannelStats
-from cfsp.errors import UsageError
-
-CRITERIA = ("cfsp", "act_norm", "wanda_sp", "flap", "magnitude", "random")
+from cfsp.engine.registry import CRITERIA
+from cfsp.engine.statistics import BlockStats, ChannelStats
 
 
 def relative_importance(weight: torch.Tensor) -> torch.Tensor:
@@ -34,35 +36,34 @@ def relative_importance(weight: torch.Tensor) -> torch.Tensor:
     return a / a.sum(1, keepdim=True).clamp_min(1e-12) + a / a.sum(0, keepdim=True).clamp_min(1e-12)
 
 
-def _input_channel_scores(
-    criterion: str,
-    out_proj: torch.Tensor,
-    in_projs: list[torch.Tensor],
-    stats: ChannelStats,
-    exponent: float,
-    gen: torch.Generator,
-) -> torch.Tensor:
-    """Score each input channel j of `out_proj` [d, n]; `in_projs` [n, d] produce channel j."""
-    w = out_proj.detach().double()
-    if criterion == "act_norm":
-        return stats.norm
-    if criterion == "wanda_sp":
-        return w.abs().mean(0) * stats.norm
-    if criterion == "flap":
-        return stats.var * w.pow(2).sum(0)
-    if criterion == "magnitude":
-        return w.pow(2).sum(0).sqrt()
-    if criterion == "random":
-        return torch.rand(w.shape[1], generator=gen, dtype=torch.float64)
-    if criterion == "cfsp":
-        weight_term = relative_importance(out_proj).sum(0)  # [n]
-        for proj in in_projs:
-            weight_term = weight_term + relative_importance(proj).sum(1)
-        return stats.norm.pow(exponent) * weight_term
-    raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+def cfsp_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
+    weight_term = relative_importance(out_proj).sum(0)  # [n]
+    for proj in in_projs:
+        weight_term = weight_term + relative_importance(proj).sum(1)
+    return stats.norm.pow(exponent) * weight_term
 
 
-def block_scores(
+def act_norm_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
+    return stats.norm
+
+
+def wanda_sp_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
+    return out_proj.detach().double().abs().mean(0) * stats.norm
+
+
+def flap_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
+    return stats.var * out_proj.detach().double().pow(2).sum(0)
+
+
+def magnitude_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
+    return out_proj.detach().double().pow(2).sum(0).sqrt()
+
+
+def random_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
+    return torch.rand(out_proj.shape[1], generator=gen, dtype=torch.float64)
+
+
+def fine_scores(
     criterion: str,
     parts: BlockParts,
     stats: BlockStats,
@@ -72,18 +73,12 @@ def block_scores(
     block_index: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (head scores [H], FFN channel scores [m]) for one block, float64."""
+    score = CRITERIA[criterion]
     gen = torch.Generator().manual_seed(seed * 100_003 + block_index)
-    channels = _input_channel_scores(
-        criterion,
-        parts.down.weight,
-        [parts.up.weight, parts.gate.weight],
-        stats.down,
-        exponent,
-        gen,
+    channels = score(
+        parts.down.weight, [parts.up.weight, parts.gate.weight], stats.down, exponent, gen
     )
     # W_q rows of head h are the producers of W_o's input channels of head h.
-    per_channel = _input_channel_scores(
-        criterion, parts.o.weight, [parts.q.weight], stats.o, exponent, gen
-    )
+    per_channel = score(parts.o.weight, [parts.q.weight], stats.o, exponent, gen)
     heads = per_channel.view(-1, head_dim).sum(1)
     return heads, channels

@@ -31,7 +31,7 @@ from pathlib import Path
 from cfsp.errors import UsageError
 from cfsp.io import sha256_file
 
-MANIFEST = "cfsp_tasks.json"
+TASKS_MANIFEST = "cfsp_tasks.json"
 TAG = "cfsp_zeroshot"
 DEVIATIONS = {
     "cfsp_hellaswag": "built from a derived text file whose context is `activity_label: ctx` with "
@@ -270,7 +270,7 @@ def _swap_in(tmp: Path, out_dir: Path) -> None:
     if not out_dir.exists():
         os.replace(tmp, out_dir)
         return
-    if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
+    if any(out_dir.iterdir()) and not (out_dir / TASKS_MANIFEST).is_file():
         raise UsageError(f"{out_dir} exists and is not a cfsp task export: refusing to replace it")
     old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
     try:
@@ -310,7 +310,7 @@ def export_tasks(
             info = _write_task(tmp, out_dir, name, sources[name], docs[name])
             files = {f: sha256_file(Path(root or "/", f)) for f in sources[name].files}
             manifest["tasks"][f"cfsp_{name}"] = {**info, "sources": files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (tmp / TASKS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _swap_in(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,12 @@
-"""Coarse-to-fine pruning of a loaded model from captured statistics (in place).
+"""One prune of a loaded model from captured statistics, in place.
 
-scores (fine, per block) -> counts (coarse allocation) -> kept indices -> for each block:
-fold the pruned inputs of o_proj / down_proj into the kept ones (reconstruct), then slice.
+plan   fine scores per block (criterion) -> coarse counts per block (allocation) -> kept
+       indices (`PrunePlan`), see importance.py, allocate.py, slicing.select;
+prune  for each block: fold the pruned inputs of o_proj / down_proj into the kept ones
+       (reconstruction, reconstruct.py), then slice (slicing.py). With sequential statistics
+       each block's statistics are retaken on the outputs of the already-pruned blocks before
+       it, by the one block loop (stream.py).
+The model is resolved once (`Target`: adapter, blocks, dense geometry) and passed down.
 """
 
 from __future__ import annotations
@@ -12,48 +17,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from cfsp.allocate import (
-    BlockCounts,
-    Geometry,
-    achieved_fraction,
-    cfsp_keep_ratios,
-    check_budget,
-    counts_from_ratios,
-    flap_counts,
-)
-from cfsp.arch import DecoderAdapter, adapter_for
+from cfsp.arch import DecoderAdapter
 from cfsp.arch.base import head_rows
-from cfsp.capture import (
-    BlockStats,
-    Statistics,
-    block_forward,
-    first_block_inputs,
-    peak_rss_mib,
-    run_block,
-)
 from cfsp.config import PruneConfig
 from cfsp.data import TokenWindows
+from cfsp.engine.allocate import achieved_fraction, check_budget
+from cfsp.engine.capture import peak_rss_mib
+from cfsp.engine.importance import fine_scores
+from cfsp.engine.plan import BlockCounts, BlockPlan, Geometry, PrunePlan
+from cfsp.engine.reconstruct import fold, relative_error
+from cfsp.engine.registry import ALLOCATIONS
+from cfsp.engine.slicing import apply_plan, select, update_config
+from cfsp.engine.statistics import BlockStats, Statistics
+from cfsp.engine.stream import BlockStream
+from cfsp.engine.target import Target, target_of
 from cfsp.errors import UsageError
-from cfsp.importance import block_scores
-from cfsp.prune import BlockPlan, apply_plan, select, update_config
-from cfsp.reconstruct import fold, relative_error
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Allocation:
-    """Per-block keep ratios (of block parameters) and kept indices: the `allocate` artifact."""
-
-    keep_ratios: list[float]
-    blocks: list[BlockPlan]
-
-    def to_dict(self) -> dict:
-        return {"keep_ratios": self.keep_ratios, "blocks": [b.to_dict() for b in self.blocks]}
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Allocation:
-        return cls(data["keep_ratios"], [BlockPlan(**b) for b in data["blocks"]])
 
 
 @dataclass
@@ -82,64 +62,33 @@ class PruneReport:
         }
 
 
-def geometry(model, adapter: DecoderAdapter) -> Geometry:
-    widths = adapter.block_widths(model)
-    if len(set(widths)) != 1:
-        raise UsageError("the model is already pruned to per-block widths; prune the dense model")
-    w = widths[0]
-    return Geometry(
-        hidden=model.config.hidden_size,
-        head_dim=adapter.head_dim(model.config),
-        num_heads=w.num_heads,
-        num_kv_heads=w.num_kv_heads,
-        intermediate=w.intermediate,
-        num_blocks=len(widths),
-    )
-
-
-def allocate(model, stats: Statistics, cfg: PruneConfig) -> Allocation:
-    """Choose what every block keeps: coarse counts, then fine indices."""
-    adapter = adapter_for(model)
-    geo = geometry(model, adapter)
+def plan_pruning(model_or_target, stats: Statistics, cfg: PruneConfig) -> PrunePlan:
+    """Choose what every block keeps: fine scores, coarse counts, then kept indices."""
+    target = target_of(model_or_target)
+    geo = target.geometry
     check_budget(cfg.budget)
     if len(stats.blocks) != geo.num_blocks:
         raise UsageError(
             f"statistics cover {len(stats.blocks)} blocks, the model has {geo.num_blocks}"
         )
     scores = [
-        block_scores(
+        fine_scores(
             cfg.criterion,
-            adapter.parts(block),
+            target.adapter.parts(block),
             stats.blocks[i],
             geo.head_dim,
             cfg.exponent,
             cfg.seed,
             i,
         )
-        for i, block in enumerate(adapter.layers(model))
+        for i, block in enumerate(target.layers)
     ]
-    prune_heads = cfg.structures == "ffn+heads"
-    if cfg.allocation == "flap":
-        counts = flap_counts(
-            geo,
-            [s[0] for s in scores],
-            [s[1] for s in scores],
-            cfg.budget,
-            prune_heads,
-            cfg.round_to,
-        )
-    else:
-        if cfg.allocation == "uniform":
-            keep = torch.full((geo.num_blocks,), 1.0 - cfg.budget, dtype=torch.float64)
-        else:
-            keep = cfsp_keep_ratios(
-                stats.angular(), cfg.budget, cfg.temperature, cfg.control, cfg.floor
-            )
-        counts = counts_from_ratios(geo, keep, prune_heads, cfg.round_to)
+    allocation = ALLOCATIONS[cfg.allocation]
+    counts = allocation(geo, stats.angular(), [s[0] for s in scores], [s[1] for s in scores], cfg)
     _check_counts(geo, counts, cfg.budget, cfg.round_to)
     plans = [select(h, c, n, geo.num_kv_heads) for (h, c), n in zip(scores, counts, strict=True)]
     ratios = [n.params(geo) / geo.block_params() for n in counts]
-    return Allocation(keep_ratios=ratios, blocks=plans)
+    return PrunePlan(keep_ratios=ratios, blocks=plans)
 
 
 def _check_counts(geo: Geometry, counts: list[BlockCounts], budget: float, round_to: int) -> None:
@@ -152,11 +101,12 @@ def _check_counts(geo: Geometry, counts: list[BlockCounts], budget: float, round
         )
 
 
-def enable_biases(model, adapter: DecoderAdapter) -> dict[str, bool]:
+def enable_biases(target: Target) -> dict[str, bool]:
     """Give every o_proj and down_proj a zero bias to fold compensation into; return which of
     them the stock config already builds with a bias (`settle_biases` needs it)."""
-    stock = {"o": adapter.has_bias(model.config, "o"), "mlp": adapter.has_bias(model.config, "mlp")}
-    for block in adapter.layers(model):
+    adapter, config = target.adapter, target.model.config
+    stock = {"o": adapter.has_bias(config, "o"), "mlp": adapter.has_bias(config, "mlp")}
+    for block in target.layers:
         p = adapter.parts(block)
         _zero_bias(p.o)
         _zero_bias(p.down)
@@ -168,7 +118,7 @@ def _zero_bias(layer) -> None:
         layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype))
 
 
-def settle_biases(model, adapter: DecoderAdapter, stock: dict[str, bool]) -> list[str]:
+def settle_biases(target: Target, stock: dict[str, bool]) -> list[str]:
     """Keep a compensation bias only on the module kinds that received one, and record it.
 
     A bias that is zero in every block (e.g. o_proj when no head was pruned) is dropped: it
@@ -178,7 +128,8 @@ def settle_biases(model, adapter: DecoderAdapter, stock: dict[str, bool]) -> lis
     widths, or no such flags) `config.cfsp_extra_bias` names the kinds, read by `load_pruned`
     and the shipped modeling file, and no other module carries a bias. Returns the kinds.
     """
-    config, parts = model.config, [adapter.parts(b) for b in adapter.layers(model)]
+    adapter, config = target.adapter, target.model.config
+    parts = [adapter.parts(b) for b in target.layers]
     kinds = {"o": "o_proj", "mlp": "down_proj"}
     layers = {"o": [p.o for p in parts], "mlp": [p.down for p in parts]}
     needed = [
@@ -239,68 +190,75 @@ def prune_block(
 
 @torch.no_grad()
 def prune_model(
-    model,
+    model_or_target,
     stats: Statistics,
     cfg: PruneConfig,
     windows: TokenWindows | None = None,
-    allocation: Allocation | None = None,
+    plan: PrunePlan | None = None,
     batch_size: int = 8,
 ) -> PruneReport:
-    """Prune (and reconstruct) `model` in place; return what was done.
+    """Prune (and reconstruct) the model in place; return what was done.
 
-    `cfg.stats == "sequential"` recomputes each block's statistics on the outputs of the
-    already-pruned blocks before it (a second pass over `windows`); "dense" uses `stats`.
+    `plan` defaults to `plan_pruning(...)`. `cfg.stats == "sequential"` recomputes each block's
+    statistics on the outputs of the already-pruned blocks before it (a second pass over
+    `windows`); "dense" uses `stats`.
     """
-    adapter = adapter_for(model)
+    target = target_of(model_or_target)
     t0 = time.perf_counter()
-    before = geometry(model, adapter)
-    allocation = allocation or allocate(model, stats, cfg)
+    before = target.geometry
+    plan = plan or plan_pruning(target, stats, cfg)
+    if len(plan.blocks) != len(target.layers):
+        raise UsageError(
+            f"the plan covers {len(plan.blocks)} blocks, the model has {len(target.layers)}"
+        )
     t_plan = time.perf_counter()
-    stock_bias = enable_biases(model, adapter) if cfg.reconstruct != "none" else None
-    stream = None
-    if cfg.stats == "sequential" and cfg.reconstruct != "none":
-        if windows is None:
-            raise UsageError("sequential statistics need the calibration windows")
-        stream = first_block_inputs(model, windows.ids, batch_size)
+    stock_bias = enable_biases(target) if cfg.reconstruct != "none" else None
     errors = []
-    for index, (block, plan) in enumerate(
-        zip(adapter.layers(model), allocation.blocks, strict=True)
-    ):
+    for index, block, block_stats in _blocks_with_stats(target, stats, cfg, windows, batch_size):
         tb = time.perf_counter()
-        block_stats = stats.blocks[index]
-        if stream is not None:  # this block's inputs come from the pruned blocks before it
-            block_stats = run_block(block, adapter.parts(block), *stream, advance=False)
+        block_plan = plan.blocks[index]
         row = {
             "block": index,
-            **prune_block(adapter, block, plan, block_stats, cfg, before.head_dim),
+            **prune_block(target.adapter, block, block_plan, block_stats, cfg, before.head_dim),
         }
-        if stream is not None:
-            hiddens, kwargs_list = stream
-            for j, h in enumerate(hiddens):
-                hiddens[j] = block_forward(block, h, kwargs_list[j])
         errors.append(row)
         _log_block(
-            index, allocation.keep_ratios[index], plan, before, row, time.perf_counter() - tb
+            index, plan.keep_ratios[index], block_plan, before, row, time.perf_counter() - tb
         )
-    update_config(model.config, [p.widths() for p in allocation.blocks], before.head_dim)
+    update_config(target.model.config, [p.widths() for p in plan.blocks], before.head_dim)
     if stock_bias is not None:
-        settle_biases(model, adapter, stock_bias)
+        settle_biases(target, stock_bias)
     params_before = before.block_params() * before.num_blocks
-    params_after = sum(
-        before.attn_params(len(p.heads), len(p.kv_heads)) + before.ffn_params(len(p.channels))
-        for p in allocation.blocks
-    )
+    params_after = sum(p.params(before) for p in plan.blocks)
     t_end = time.perf_counter()
     return PruneReport(
         config=cfg.model_dump(),
-        keep_ratios=allocation.keep_ratios,
-        plans=allocation.blocks,
+        keep_ratios=plan.keep_ratios,
+        plans=plan.blocks,
         block_params_before=params_before,
         block_params_after=params_after,
         achieved_fraction=1.0 - params_after / params_before,
         errors=errors,
         timings={"plan": round(t_plan - t0, 3), "prune_reconstruct": round(t_end - t_plan, 3)},
     )
+
+
+def _blocks_with_stats(target: Target, stats: Statistics, cfg: PruneConfig, windows, batch_size):
+    """(index, block, the statistics to reconstruct it from) for every block: the captured
+    ones, or, for sequential statistics, ones retaken by the block loop, which then runs the
+    calibration activations through each block after the caller pruned it."""
+    if cfg.stats == "sequential" and cfg.reconstruct != "none":
+        if windows is None:
+            raise UsageError("sequential statistics need the calibration windows")
+        stream = BlockStream(target, windows.ids, batch_size)
+        yield from stream.walk(rewrites=True)
+        return
+    if len(stats.blocks) != len(target.layers):
+        raise UsageError(
+            f"statistics cover {len(stats.blocks)} blocks, the model has {len(target.layers)}"
+        )
+    for index, block in enumerate(target.layers):
+        yield index, block, stats.blocks[index]
 
 
 def _log_block(

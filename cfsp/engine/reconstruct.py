@@ -12,16 +12,16 @@ Solved in float64 with Cholesky; if the damped matrix is still not positive defi
 damping grows tenfold until it is. The relative output error on calibration data,
   E = E_x ||(W x + b) - (W_S' x_S + b')||^2 / E_x ||W x + b||^2,
 is computed exactly from the same statistics (`relative_error`).
+Each method is one function (W [n_out, n] and b [n_out] in float64, `ChannelStats`, kept S,
+pruned P) -> (W_S', b'), named in `cfsp.engine.registry.RECONSTRUCTIONS`.
 """
 
 from __future__ import annotations
 
 import torch
 
-from cfsp.capture import ChannelStats
-from cfsp.errors import UsageError
-
-METHODS = ("liar", "bias", "none")
+from cfsp.engine.registry import RECONSTRUCTIONS
+from cfsp.engine.statistics import ChannelStats
 
 
 def fold(
@@ -32,20 +32,34 @@ def fold(
     method: str,
     damping: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (W_S' [n_out, |S|], b' [n_out]) in float64."""
-    if method not in METHODS:
-        raise UsageError(f"unknown reconstruction {method!r}; choose one of {', '.join(METHODS)}")
+    """Return (W_S' [n_out, |S|], b' [n_out]) in float64, by the registered `method`."""
+    solve = RECONSTRUCTIONS[method]
     w = weight.detach().double()
     b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
     mask = torch.ones(w.shape[1], dtype=torch.bool)
     mask[keep] = False
     pruned = mask.nonzero().squeeze(1)
+    if pruned.numel() == 0:
+        return w[:, keep], b
+    return solve(w, b, stats, keep, pruned, damping)
+
+
+def no_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
+    """W_S' = W_S, b' = b."""
+    return w[:, keep], b
+
+
+def bias_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
+    """W_S' = W_S, b' = b + W_P mu_P."""
+    return w[:, keep], b + w[:, pruned] @ stats.mean[pruned]
+
+
+def liar_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
+    """W_S' = W_S + W_P Q, b' = b + W_P p with Q, p the damped least-squares fit (above)."""
+    if keep.numel() == 0:
+        return bias_fold(w, b, stats, keep, pruned, damping)
     w_s, w_p = w[:, keep], w[:, pruned]
-    if method == "none" or pruned.numel() == 0:
-        return w_s, b
     mu = stats.mean
-    if method == "bias" or keep.numel() == 0:
-        return w_s, b + w_p @ mu[pruned]
     cov = stats.cov
     c_ss = cov[keep][:, keep]
     c_sp = cov[keep][:, pruned]

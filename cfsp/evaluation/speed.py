@@ -25,9 +25,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from cfsp.arch import adapter_for
 from cfsp.config import SpeedConfig
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from cfsp.models import DTYPES, count_params
 
 
 def macs_per_token(model: nn.Module, context: int) -> int:
@@ -35,10 +35,10 @@ def macs_per_token(model: nn.Module, context: int) -> int:
     linear = sum(
         m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear)
     )
+    adapter = adapter_for(model)
     attention = 0
-    for name, module in model.named_modules():
-        if name.endswith("self_attn") and hasattr(module, "o_proj"):
-            attention += 2 * module.o_proj.in_features * (context + 1) // 2
+    for block in adapter.layers(model):  # o_proj's inputs: heads_l * head_dim
+        attention += 2 * adapter.parts(block).o.in_features * (context + 1) // 2
     return linear + attention
 
 
@@ -123,9 +123,8 @@ def peak_memory_mib(model: nn.Module, ids: torch.Tensor) -> float:
 
 
 def _static(model: nn.Module, cfg: SpeedConfig) -> dict:
-    unique = {id(p): p for p in model.parameters()}.values()
     return {
-        "params": sum(p.numel() for p in unique),
+        "params": count_params(model),
         "macs_per_token": macs_per_token(model, cfg.seqlen),
     }
 

@@ -11,28 +11,11 @@ each role's rows are selected within its own row range (`DecoderAdapter.slice_bl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
-from cfsp.allocate import BlockCounts
 from cfsp.arch import BlockWidths, DecoderAdapter
-
-
-@dataclass
-class BlockPlan:
-    """Kept indices of one block (sorted), in the dense model's numbering."""
-
-    heads: list[int]
-    kv_heads: list[int]
-    channels: list[int]
-
-    def widths(self) -> BlockWidths:
-        return BlockWidths(len(self.heads), len(self.kv_heads), len(self.channels))
-
-    def to_dict(self) -> dict:
-        return {"heads": self.heads, "kv_heads": self.kv_heads, "channels": self.channels}
+from cfsp.engine.plan import BlockCounts, BlockPlan
 
 
 def select(

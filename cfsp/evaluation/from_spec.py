@@ -8,16 +8,11 @@ import time
 from cfsp import __version__
 from cfsp.config import EvalConfig
 from cfsp.data import evaluation_windows
-from cfsp.evaluate.perplexity import perplexity
-from cfsp.models import check_model_spec, load_model
+from cfsp.evaluation.perplexity import perplexity
+from cfsp.models import LoadedModel, check_model_spec, count_params, load_model
 from cfsp.preflight import check_evaluation
 
 log = logging.getLogger(__name__)
-
-
-def count_params(model) -> int:
-    # Tied embeddings are one tensor: count each parameter object once.
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
 def evaluate_model(
@@ -38,6 +33,19 @@ def evaluate_model(
         check_model_spec(reference, trust_remote_code)
     start = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    result = evaluate_loaded(loaded, cfg, reference, trust_remote_code)
+    result.update(dtype=dtype, wall_s=round(time.perf_counter() - start, 3))
+    return result
+
+
+def evaluate_loaded(
+    loaded: LoadedModel,
+    cfg: EvalConfig,
+    reference: str | None = None,
+    trust_remote_code: bool = False,
+) -> dict:
+    """Score a model already in memory (perplexity per source, zero-shot tasks, speed)."""
+    start = time.perf_counter()
     # Build every window set first: a bad source fails before minutes of scoring.
     windows = {
         s: evaluation_windows(s, loaded.tokenizer, cfg.seqlen, cfg.limit, loaded.model)
@@ -56,7 +64,7 @@ def evaluate_model(
         )
     zero = None
     if cfg.tasks:
-        from cfsp.evaluate.zeroshot import zeroshot
+        from cfsp.evaluation.zeroshot import zeroshot
 
         zero = zeroshot(loaded.model, loaded.tokenizer, cfg.tasks, cfg.task_limit)
         log.info(
@@ -67,10 +75,10 @@ def evaluate_model(
         )
     speed = _speed(loaded.model, cfg, reference, trust_remote_code) if cfg.speed.enabled else None
     return {
-        "model": model_spec,
+        "model": loaded.spec,
         "model_path": loaded.path,
         "revision": loaded.revision,
-        "dtype": dtype,
+        "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
         "params": count_params(loaded.model),
         "seqlen": cfg.seqlen,
         "limit": cfg.limit,
@@ -84,7 +92,7 @@ def evaluate_model(
 
 
 def _speed(model, cfg: EvalConfig, reference: str | None, trust_remote_code: bool) -> dict:
-    from cfsp.evaluate.speed import compare, measure
+    from cfsp.evaluation.speed import compare, measure
 
     if reference is None:
         return {"config": cfg.speed.model_dump(), "dtypes": measure({"model": model}, cfg.speed)}

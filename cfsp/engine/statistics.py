@@ -1,0 +1,129 @@
+"""Calibration statistics: what capture collects and every later step reads.
+
+For the input X [T, n] of o_proj (n = heads * head_dim) and of down_proj (n = FFN width):
+  count T, sum_j X_tj, and the Gram matrix G = X^T X [n, n], accumulated in float64.
+  mean mu = sum / T;  ||X_j||^2 = G_jj;  var_j = G_jj / T - mu_j^2;  C = G / T - mu mu^T.
+For block l with input h_l and output h_{l+1} [N, L, d] (residual included):
+  angular_l = mean_t arccos(cos(h_{l,t}, h_{l+1,t})) / pi      (NaN cos -> 0.5)
+`Statistics` saves to / loads from one safetensors file (tensors + JSON metadata).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from cfsp.errors import CfspError
+from cfsp.io import atomic_file
+
+
+@dataclass
+class ChannelStats:
+    """Running moments of one module's input channels: count T, sum [n], Gram X^T X [n, n]."""
+
+    count: int
+    sum: torch.Tensor
+    gram: torch.Tensor
+
+    @classmethod
+    def empty(cls, n: int) -> ChannelStats:
+        return cls(0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
+
+    def add(self, x: torch.Tensor, gram_dtype: torch.dtype = torch.float32) -> None:
+        x = x.reshape(-1, x.shape[-1]).to(gram_dtype)  # [T, n]
+        if not torch.isfinite(x).all():
+            raise CfspError(
+                "non-finite activations during calibration (NaN/inf): the model or "
+                "its dtype overflows on this text; try --dtype float32"
+            )
+        self.count += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.gram += (x.T @ x).to(torch.float64)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.sum / self.count
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """||X_j||_2^2 over calibration tokens."""
+        return self.gram.diagonal().clone()
+
+    @property
+    def norm(self) -> torch.Tensor:
+        return self.sq_norm.clamp_min(0).sqrt()
+
+    @property
+    def var(self) -> torch.Tensor:
+        return (self.sq_norm / self.count - self.mean**2).clamp_min(0)
+
+    @property
+    def cov(self) -> torch.Tensor:
+        mean = self.mean
+        return self.gram / self.count - torch.outer(mean, mean)
+
+
+@dataclass
+class BlockStats:
+    angular: float
+    tokens: int
+    o: ChannelStats
+    down: ChannelStats
+
+
+@dataclass
+class Statistics:
+    blocks: list[BlockStats]
+    fingerprint: dict = field(default_factory=dict)
+    wall_s: float = 0.0
+
+    def angular(self) -> torch.Tensor:
+        return torch.tensor([b.angular for b in self.blocks], dtype=torch.float64)
+
+    def save(self, path) -> None:
+        tensors, meta = {}, {"fingerprint": self.fingerprint, "wall_s": self.wall_s, "blocks": []}
+        for i, b in enumerate(self.blocks):
+            for name, st in (("o", b.o), ("down", b.down)):
+                tensors[f"{i}.{name}.sum"] = st.sum
+                tensors[f"{i}.{name}.gram"] = st.gram
+            meta["blocks"].append(
+                {
+                    "angular": b.angular,
+                    "tokens": b.tokens,
+                    "o_count": b.o.count,
+                    "down_count": b.down.count,
+                }
+            )
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"cfsp": json.dumps(meta)})
+
+    @classmethod
+    def load(cls, path) -> Statistics:
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads(handle.metadata()["cfsp"])
+        tensors = load_file(str(path))
+        blocks = []
+        for i, m in enumerate(meta["blocks"]):
+            blocks.append(
+                BlockStats(
+                    angular=m["angular"],
+                    tokens=m["tokens"],
+                    o=ChannelStats(m["o_count"], tensors[f"{i}.o.sum"], tensors[f"{i}.o.gram"]),
+                    down=ChannelStats(
+                        m["down_count"], tensors[f"{i}.down.sum"], tensors[f"{i}.down.gram"]
+                    ),
+                )
+            )
+        return cls(blocks, meta["fingerprint"], meta.get("wall_s", 0.0))
+
+
+def angular_distance(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(h_in, h_out)) / pi per token, NaN cosines (zero vectors) as 0.5. [B, L]"""
+    cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
+    cos = torch.nan_to_num(cos, nan=0.0)
+    return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
