@@ -1,239 +1,93 @@
 """Prefect flows: `sweep` over models x budgets x methods, and `compress` for one of each.
 
-The flow only wires tasks together; every stage is a cached task that exchanges artifact
-paths and content hashes. Artifacts live under `<output>/store/<stage>/<key>`, where the key is
-a digest of everything upstream (model content key, parameter sections, method config), so the
-same inputs always land in the same place and a rerun is served from cache.
+The flow only wires the registered stages (cfsp.pipeline.registry) together; every stage is a
+cached task that exchanges artifact paths and content hashes. Artifacts live under
+`<output>/store/<stage>/<key>`, where the key (`registry.cache_key`) is a digest of everything
+upstream (model content key, declared parameter sections, the run's pruning config), so the
+same inputs always land in the same place and a rerun is served from cache. Summaries, metric
+names and reports come from the library (cfsp.report, cfsp.metrics).
 """
 
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cfsp.config import Params, prune_config
 from cfsp.io import read_json, write_json
+from cfsp.metrics import render_table
+from cfsp.pipeline.keys import model_key, run_name, slug
+from cfsp.pipeline.registry import STAGES, cache_key, enabled, sections
+from cfsp.pipeline.tasks import TASKS
+from cfsp.pipeline.tracking import preflight, track
 from cfsp.preflight import check_params
-from cfsp.report import results_table, run_report, sweep_report
-from flows.keys import digest, model_key, run_name, slug
-from tasks import stages as t
-from tasks.track import preflight, track
+from cfsp.report import allocation_rows, results_table, run_summary, sweep_report, write_run_report
 
 
-def _submit(task_fn, out: Path, **kwargs):
+def _submit(stage: str, store: Path, key: str, **kwargs):
     """Submit a cached stage; recompute when the artifact its cache record names is gone."""
-    return task_fn.with_options(refresh_cache=not out.exists()).submit(out=str(out), **kwargs)
+    out = store / stage / key
+    task_fn = TASKS[stage].with_options(refresh_cache=not out.exists())
+    return task_fn.submit(stage=stage, out=str(out), **kwargs)
 
 
-def _model_branch(params: Params, model: str, store: Path) -> dict:
-    mk = model_key(model)
-    prep_key = digest(mk, params.prepare.model_dump(), params.dtype)
-    cap_key = digest(prep_key, params.capture.model_dump())
-    tokens = _submit(
-        t.prepare,
-        store / "prepare" / prep_key,
-        model=model,
-        model_key=mk,
-        calib=params.prepare.model_dump(),
-        dtype=params.dtype,
-    )
-    stats = _submit(
-        t.capture,
-        store / "capture" / cap_key,
-        model=model,
-        model_key=mk,
-        tokens=tokens,
-        batch_size=params.capture.batch_size,
-        dtype=params.dtype,
-    )
-    dense_eval = _submit(
-        t.evaluate,
-        store / "evaluate" / digest(mk, params.evaluate.model_dump()),
-        model=model,
-        model_hash=mk,
-        evaluate=params.evaluate.model_dump(),
-        dtype=params.dtype,
-    )
-    return {"key": mk, "cap_key": cap_key, "tokens": tokens, "stats": stats, "dense": dense_eval}
-
-
-def _method_branch(
-    params: Params, model: str, base: dict, budget: float, method: str, store: Path
-) -> dict:
-    cfg = prune_config(params, method, budget).model_dump()
-    mk = base["key"]
-    alloc_key = digest(base["cap_key"], cfg)
-    rec_key = digest(alloc_key, "reconstruct")
-    alloc = _submit(
-        t.allocate,
-        store / "allocate" / alloc_key,
-        model=model,
-        model_key=mk,
-        stats=base["stats"],
-        prune=cfg,
-        dtype=params.dtype,
-    )
-    pruned = _submit(
-        t.prune,
-        store / "prune" / alloc_key,
-        model=model,
-        model_key=mk,
-        stats=base["stats"],
-        allocation=alloc,
-        prune=cfg,
-        dtype=params.dtype,
-    )
-    rec = _submit(
-        t.reconstruct,
-        store / "reconstruct" / rec_key,
-        model=model,
-        model_key=mk,
-        pruned=pruned,
-        stats=base["stats"],
-        tokens=base["tokens"],
-        prune=cfg,
-        dtype=params.dtype,
-    )
-    final, final_key, healed = rec, rec_key, None
-    if params.recover.enabled:
-        final_key = digest(rec_key, params.recover.model_dump())
-        healed = final = _submit(
-            t.recover,
-            store / "recover" / final_key,
+def _branch(params: Params, model: str, store: Path, mk: str, done: dict, prune=None) -> dict:
+    """Submit every registered stage of one model (prune=None) or of one (budget, method) run
+    on top of the model's own stages (`done`: {stage: (key, future)}), in registry order."""
+    per_method = prune is not None
+    out = {}
+    for name, stage in STAGES.items():
+        if stage.per_method != per_method:
+            continue
+        seen = {**done, **out}
+        if not enabled(name, params):
+            out[name] = seen[stage.inputs[-1]]  # a disabled stage passes its input on
+            continue
+        upstream = [seen[i][0] for i in stage.inputs] or [mk]
+        key = cache_key(name, upstream, params, prune)
+        future = _submit(
+            name,
+            store,
+            key,
+            model=model,
             model_key=mk,
-            checkpoint=rec,
-            stats=base["stats"],
-            recover=params.recover.model_dump(),
-            allocate=params.allocate.model_dump(),
-            dtype=params.dtype,
+            inputs={i: seen[i][1] for i in stage.inputs},
+            sections=sections(name, params),
+            prune=prune,
+            reference=model if per_method and name.startswith("evaluate") else None,
         )
-    stage = "recover" if healed is not None else "reconstruct"
-    ev = _submit(
-        t.evaluate,
-        store / "evaluate" / digest(final_key, params.evaluate.model_dump()),
-        model=str(store / stage / final_key),
-        model_hash=final,
-        evaluate=params.evaluate.model_dump(),
-        dtype=params.dtype,
-        reference=model,
-    )
-    return {
-        "model": model,
-        "budget": budget,
-        "method": method,
-        "config": cfg,
-        "alloc": alloc,
-        "pruned": pruned,
-        "rec": rec,
-        "recover": healed,
-        "eval": ev,
-        "base": base,
-    }
-
-
-def _metrics(branch: dict, dense: dict, evaluation: dict, rec: dict, stats: dict) -> dict:
-    """Flat MLflow metrics: quality and size, each also as a ratio to dense, stage timings."""
-    ours, base = evaluation["metrics"], dense["metrics"]
-    out = {
-        "params": ours["params"],
-        "params_ratio": ours["params"] / base["params"],
-        "achieved_fraction": rec["achieved_fraction"],
-        "capture_s": stats["wall_s"],
-    }
-    for source, ppl in ours["ppl"].items():
-        name = f"ppl_{slug(source)}_s{ours['seqlen']}"
-        out[name] = ppl
-        out[f"{name}_ratio"] = ppl / base["ppl"][source]
-    for dtype, row in ours.get("speed", {}).items():
-        tag = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[dtype]
-        for key, value in row.items():
-            out[f"{key}_{tag}"] = value
-    for task_name, acc in ours.get("acc", {}).items():
-        out[f"acc_{task_name}"] = acc
-        if base.get("acc", {}).get(task_name):
-            out[f"acc_{task_name}_ratio"] = acc / base["acc"][task_name]
-    stage_records = {
-        "prepare": branch["base"]["tokens"],
-        "capture": branch["base"]["stats"],
-        "allocate": branch["alloc"],
-        "prune": branch["pruned"],
-        "reconstruct": branch["rec"],
-        "recover": branch["recover"],
-        "evaluate": branch["eval"],
-    }
-    for stage, future in stage_records.items():
-        if future is not None:
-            out[f"time_{stage}_s"] = future.result().get("stage_s", 0.0)
-    if branch["recover"] is not None:
-        healed = branch["recover"].result()
-        out["recover_trainable_params"] = healed["trainable_params"]
-        out["recover_final_loss"] = healed["losses"][-1]
+        out[name] = (key, future)
     return out
 
 
-def _summarize(branch: dict) -> dict:
-    """The run's metrics and where its artifacts are; Prefect table of its allocation."""
-    alloc, rec = branch["alloc"].result(), branch["rec"].result()
-    evaluation, dense = branch["eval"].result(), branch["base"]["dense"].result()
-    name = run_name(branch["model"], branch["method"], branch["budget"])
-    allocation = read_json(Path(alloc["path"]) / "allocation.json")
-    create_table_artifact(
-        key=f"allocation-{slug(name).lower().replace('_', '-').replace('.', '-')}"[:60],
-        table=[
-            {"block": i, "keep": round(k, 4), **w}
-            for i, (k, w) in enumerate(
-                zip(allocation["keep_ratios"], allocation["widths"], strict=True)
-            )
-        ],
-        description=f"Per-block allocation of {name}",
-    )
-    healed = branch["recover"].result() if branch["recover"] is not None else {}
+def _records(params: Params, futures: dict) -> dict[str, dict]:
+    """The stage records of one run; the recover record only when it ran."""
     return {
-        "recover_losses": healed.get("losses", []),
-        "recover_files": [str(Path(healed["path"]) / "recover_loss.png")] if healed else [],
-        "name": name,
-        "model": branch["model"],
-        "budget": branch["budget"],
-        "method": branch["method"],
-        "checkpoint": (branch["recover"] or branch["rec"]).result()["path"],
-        "metrics": _metrics(branch, dense, evaluation, rec, branch["base"]["stats"].result()),
-        "seqlen": evaluation["metrics"]["seqlen"],
-        "dense_ppl": dense["metrics"]["ppl"],
-        "ppl": evaluation["metrics"]["ppl"],
-        "keep_ratios": allocation["keep_ratios"],
-        "allocation_plot": str(Path(alloc["path"]) / "allocation.png"),
-        "files": [
-            str(Path(alloc["path"]) / "allocation.json"),
-            str(Path(alloc["path"]) / "allocation.png"),
-            str(Path(rec["path"]) / "cfsp_manifest.json"),
-            str(Path(evaluation["path"]) / "metrics.json"),
-        ],
+        name: future.result()
+        for name, (_, future) in futures.items()
+        if name in STAGES and enabled(name, params)
     }
 
 
-def _track(summary: dict, branch: dict, params: Params, uri: str, sweep_files: list) -> dict:
+def _track(summary: dict, params: Params, uri: str, sweep_files: list) -> dict:
     """Per-run report next to the run's summary, then the MLflow run with everything attached."""
     folder = Path(params.output) / "runs" / summary["name"]
-    folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(summary["allocation_plot"], folder / "allocation.png")
-    report = run_report(summary, folder) + [folder / "allocation.png"]
-    summary["report"] = str(folder / "report.html")
+    report = write_run_report(summary, folder)
     summary["sweep_report"] = str(next(f for f in sweep_files if f.name == "report.html"))
     summary["mlflow_run_id"] = track(
         summary["name"],
         uri,
         params.tracking.experiment,
         {
-            "model": branch["model"],
-            "budget": branch["budget"],
-            "method": branch["method"],
-            "prune": branch["config"],
+            "model": summary["model"],
+            "budget": summary["budget"],
+            "method": summary["method"],
+            "prune": prune_config(params, summary["method"], summary["budget"]).model_dump(),
             "prepare": params.prepare.model_dump(),
             "evaluate": params.evaluate.model_dump(),
         },
@@ -244,7 +98,7 @@ def _track(summary: dict, branch: dict, params: Params, uri: str, sweep_files: l
             "sweep": [str(f) for f in sweep_files],
         },
         str(Path(params.output) / "mlartifacts"),
-        {"recover_loss": summary["recover_losses"]} if summary.get("recover_losses") else None,
+        {"recover/loss": summary["recover_losses"]} if summary.get("recover_losses") else None,
     )
     write_json(folder / "summary.json", summary)
     get_run_logger().info(
@@ -257,19 +111,37 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     store = Path(params.output) / "store"
     uri = params.tracking.resolved_uri(params.output)
     preflight(uri)
-    bases = {m: _model_branch(params, m, store) for m in dict.fromkeys(g[0] for g in grid)}
-    branches = [_method_branch(params, m, bases[m], b, meth, store) for m, b, meth in grid]
-    summaries = [_summarize(branch) for branch in branches]
-    sweep_files = sweep_report(summaries, Path(params.output) / "report")
-    summaries = [
-        _track(s, b, params, uri, sweep_files) for s, b in zip(summaries, branches, strict=True)
+    keys = {m: model_key(m) for m in dict.fromkeys(g[0] for g in grid)}
+    bases = {m: _branch(params, m, store, keys[m], {}) for m in keys}
+    runs = [
+        (m, b, meth, _branch(params, m, store, keys[m], bases[m], _prune_dict(params, meth, b)))
+        for m, b, meth in grid
     ]
+    summaries = []
+    for model, budget, method, futures in runs:
+        name = run_name(model, method, budget)
+        records = _records(params, {**bases[model], **futures})
+        records.pop("evaluate-dense")
+        dense = bases[model]["evaluate-dense"][1].result()
+        summaries.append(run_summary(name, model, budget, method, records, dense))
+        allocation = read_json(Path(records["allocate"]["path"]) / "allocation.json")
+        create_markdown_artifact(
+            key=f"allocation-{slug(name).lower().replace('_', '-').replace('.', '-')}"[:60],
+            markdown=render_table(allocation_rows(allocation)),
+            description=f"Per-block allocation of {name}",
+        )
+    sweep_files = sweep_report(summaries, Path(params.output) / "report")
+    summaries = [_track(s, params, uri, sweep_files) for s in summaries]
     create_markdown_artifact(
         key="evaluation-summary",
         markdown=results_table(summaries),
         description="cfsp evaluation summary",
     )
     return summaries
+
+
+def _prune_dict(params: Params, method: str, budget: float) -> dict:
+    return prune_config(params, method, budget).model_dump()
 
 
 # Flow results are the summaries the CLI prints: returned in memory, never persisted (and, were

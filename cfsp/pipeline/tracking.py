@@ -13,7 +13,7 @@ from prefect import task
 
 from cfsp import __version__
 from cfsp.errors import CfspError, UsageError
-from tasks.stages import retry_unless_usage_error
+from cfsp.pipeline.tasks import retry_unless_usage_error
 
 
 def _git_commit() -> str:
