@@ -1,0 +1,1 @@
+"""Evaluation: perplexity at an explicit context length (more in later modules)."""

@@ -1,0 +1,89 @@
+"""Fine (intra-block) importance: one score per FFN channel and per attention head.
+
+Notation: W_down [d, m], W_up / W_gate [m, d], W_o [d, H*hd], W_q [H*hd, d]; X_j is the
+calibration activation entering input channel j of W_down (or W_o), from `ChannelStats`.
+Per input channel j of W_down (FFN channel j) or of W_o (one of a head's hd channels):
+  act_norm   ||X_j||_2
+  wanda_sp   mean_i |W[i, j]| * ||X_j||_2
+  flap       sigma_j^2 * ||W[:, j]||_2^2                        (WIFV)
+  magnitude  ||W[:, j]||_2
+  random     uniform(0, 1), seeded
+  cfsp       ||X_j||^c * sum of relative importance of channel j's weights, where for a matrix A
+             RI(A)_ik = |A_ik| / sum_k' |A_ik'| + |A_ik| / sum_i' |A_i'k|   (row AND column
+             normalised), summed over the output-side weights (column j of W_down / W_o) and the
+             input-side rows (row j of W_up and W_gate, or the head's rows of W_q).
+             With column normalisation alone each term is constant and the score collapses to
+             ||X_j||^c; the row term makes it depend on the weights.
+A head's score is the sum of its hd channel scores.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cfsp.arch import BlockParts
+from cfsp.capture import BlockStats, ChannelStats
+from cfsp.errors import UsageError
+
+CRITERIA = ("cfsp", "act_norm", "wanda_sp", "flap", "magnitude", "random")
+
+
+def relative_importance(weight: torch.Tensor) -> torch.Tensor:
+    """RI_ik = |A_ik| / row sum + |A_ik| / column sum, for A [out, in]."""
+    a = weight.detach().abs().double()
+    return a / a.sum(1, keepdim=True).clamp_min(1e-12) + a / a.sum(0, keepdim=True).clamp_min(1e-12)
+
+
+def _input_channel_scores(
+    criterion: str,
+    out_proj: torch.Tensor,
+    in_projs: list[torch.Tensor],
+    stats: ChannelStats,
+    exponent: float,
+    gen: torch.Generator,
+) -> torch.Tensor:
+    """Score each input channel j of `out_proj` [d, n]; `in_projs` [n, d] produce channel j."""
+    w = out_proj.detach().double()
+    if criterion == "act_norm":
+        return stats.norm
+    if criterion == "wanda_sp":
+        return w.abs().mean(0) * stats.norm
+    if criterion == "flap":
+        return stats.var * w.pow(2).sum(0)
+    if criterion == "magnitude":
+        return w.pow(2).sum(0).sqrt()
+    if criterion == "random":
+        return torch.rand(w.shape[1], generator=gen, dtype=torch.float64)
+    if criterion == "cfsp":
+        weight_term = relative_importance(out_proj).sum(0)  # [n]
+        for proj in in_projs:
+            weight_term = weight_term + relative_importance(proj).sum(1)
+        return stats.norm.pow(exponent) * weight_term
+    raise UsageError(f"unknown criterion {criterion!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def block_scores(
+    criterion: str,
+    parts: BlockParts,
+    stats: BlockStats,
+    head_dim: int,
+    exponent: float = 0.5,
+    seed: int = 0,
+    block_index: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (head scores [H], FFN channel scores [m]) for one block, float64."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + block_index)
+    channels = _input_channel_scores(
+        criterion,
+        parts.down.weight,
+        [parts.up.weight, parts.gate.weight],
+        stats.down,
+        exponent,
+        gen,
+    )
+    # W_q rows of head h are the producers of W_o's input channels of head h.
+    per_channel = _input_channel_scores(
+        criterion, parts.o.weight, [parts.q.weight], stats.o, exponent, gen
+    )
+    heads = per_channel.view(-1, head_dim).sum(1)
+    return heads, channels

@@ -1,0 +1,317 @@
+"""The pipeline's stages as pure functions: specs and artifact paths in, artifacts out.
+
+    prepare      model + text source        -> tokens.safetensors (+ fingerprint)
+    capture      model + tokens             -> stats.safetensors
+    allocate     model + stats + config     -> allocation.json + allocation.png
+    prune        model + allocation         -> pruned checkpoint (no compensation)
+    reconstruct  model + allocation + stats -> reconstructed checkpoint
+    recover      checkpoint + stats + text  -> LoRA-healed checkpoint, merged (optional)
+    evaluate     checkpoint + eval config   -> metrics.json
+
+The stage registry (cfsp.pipeline.registry) declares each one's inputs, artifacts and
+parameters; the CLI (`cfsp stage ...`), the Prefect tasks and the DVC stages all call these
+through it. Every output
+is written to a temporary name and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from cfsp.api import build_manifest
+from cfsp.capture import Statistics, capture
+from cfsp.compress import Allocation, allocate, prune_model
+from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
+from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash
+from cfsp.errors import CfspError, UsageError
+from cfsp.evaluate.api import count_params, evaluate_model
+from cfsp.export import read_manifest, save_checkpoint
+from cfsp.io import atomic_dir, check_output_dir, read_json, write_json
+from cfsp.models import check_safetensors, load_model
+from cfsp.plots import allocation_plot, loss_plot
+
+log = logging.getLogger(__name__)
+
+TOKENS = "tokens.safetensors"
+STATS = "stats.safetensors"
+ALLOCATION = "allocation.json"
+METRICS = "metrics.json"
+
+
+def _load_tokens(path: Path) -> TokenWindows:
+    path = Path(path)
+    path = path / TOKENS if path.is_dir() else path
+    if not path.exists() and not path.is_symlink():
+        raise UsageError(f"calibration tokens {path} do not exist; run the prepare stage first")
+    check_safetensors(path)  # a truncated file: one clear error, not the reader's traceback
+    try:
+        with safe_open(str(path), "pt") as handle:
+            ids = handle.get_tensor("ids")
+            fingerprint = json.loads((handle.metadata() or {})["fingerprint"])
+        if not isinstance(fingerprint, dict) or ids.dim() != 2 or ids.is_floating_point():
+            raise ValueError("expected integer ids [windows, seqlen] and a fingerprint object")
+        recorded = fingerprint["hash"]
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError, SafetensorError) as err:
+        raise CfspError(f"{path} is not a calibration tokens file ({_what(err)})") from err
+    if tensor_hash(ids) != recorded:
+        raise CfspError(f"{path}: token ids do not match their recorded hash (corrupt file)")
+    return TokenWindows(ids, fingerprint)
+
+
+def _what(err: BaseException) -> str:
+    """A one-line description of a parsing error (a KeyError prints only the key)."""
+    if isinstance(err, KeyError):
+        return f"no {err.args[0]!r} entry"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float32") -> dict:
+    """Tokenize the calibration source into N x L windows; returns the fingerprint."""
+    check_output_dir(out)
+    check_source(calib.source, "calibration")
+    loaded = load_model(model_spec, dtype=dtype)
+    windows = calibration_windows(
+        calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
+    )
+    fingerprint = {**windows.fingerprint, "model": model_spec, "revision": loaded.revision}
+    with atomic_dir(out) as tmp:
+        save_file(
+            {"ids": windows.ids.contiguous()},
+            str(tmp / TOKENS),
+            metadata={"fingerprint": json.dumps(fingerprint)},
+        )
+        write_json(tmp / "prepare.json", {"config": calib.model_dump(), "fingerprint": fingerprint})
+    return fingerprint
+
+
+def capture_stage(
+    model_spec: str, tokens: Path, out: Path, batch_size: int = 8, dtype: str = "float32"
+) -> dict:
+    """One pass over the calibration tokens; writes per-block statistics."""
+    check_output_dir(out)
+    windows = _load_tokens(tokens)
+    loaded = load_model(model_spec, dtype=dtype)
+    stats = capture(loaded.model, windows, batch_size=batch_size)
+    with atomic_dir(out) as tmp:
+        stats.save(tmp / STATS)
+        write_json(
+            tmp / "capture.json",
+            {
+                "fingerprint": windows.fingerprint,
+                "wall_s": stats.wall_s,
+                "angular": [b.angular for b in stats.blocks],
+                "batch_size": batch_size,
+            },
+        )
+    return {"wall_s": stats.wall_s, "blocks": len(stats.blocks)}
+
+
+def _load_stats(path: Path) -> Statistics:
+    path = Path(path)
+    path = path / STATS if path.is_dir() else path
+    if not path.exists() and not path.is_symlink():
+        raise UsageError(f"statistics {path} do not exist; run the capture stage first")
+    check_safetensors(path)
+    try:
+        return Statistics.load(path)
+    except (KeyError, TypeError, ValueError, IndexError, SafetensorError) as err:
+        raise CfspError(f"{path} is not a statistics file ({_what(err)})") from err
+
+
+def allocate_stage(
+    model_spec: str, stats_path: Path, cfg: PruneConfig, out: Path, dtype: str = "float32"
+) -> dict:
+    """Per-block keep ratios and kept indices, with a plot against the angular distances."""
+    check_output_dir(out)
+    stats = _load_stats(stats_path)
+    loaded = load_model(model_spec, dtype=dtype)
+    start = time.perf_counter()
+    alloc = allocate(loaded.model, stats, cfg)
+    payload = {
+        "config": cfg.model_dump(),
+        "calibration": stats.fingerprint,
+        "angular": [b.angular for b in stats.blocks],
+        **alloc.to_dict(),
+        "widths": [b.widths().to_dict() for b in alloc.blocks],
+        "wall_s": round(time.perf_counter() - start, 3),
+    }
+    with atomic_dir(out) as tmp:
+        write_json(tmp / ALLOCATION, payload)
+        allocation_plot(
+            alloc.keep_ratios,
+            payload["angular"],
+            cfg.budget,
+            f"{model_spec}: {cfg.method} allocation={cfg.allocation} p={cfg.budget}",
+            tmp / "allocation.png",
+        )
+    return {"keep_ratios": alloc.keep_ratios}
+
+
+def _slice(
+    model_spec: str,
+    stats_path: Path,
+    alloc: Allocation,
+    cfg: PruneConfig,
+    out: Path,
+    dtype: str,
+    tokens: Path | None,
+) -> dict:
+    check_output_dir(out)
+    stats = _load_stats(stats_path)
+    windows = _load_tokens(tokens) if tokens is not None else None
+    loaded = load_model(model_spec, dtype=dtype)
+    params_before = count_params(loaded.model)
+    start = time.perf_counter()
+    report = prune_model(loaded.model, stats, cfg, windows=windows, allocation=alloc)
+    manifest = build_manifest(
+        model_spec,
+        loaded,
+        stats.fingerprint,
+        report,
+        params_before,
+        {"capture": stats.wall_s, "slice": round(time.perf_counter() - start, 3)},
+    )
+    with atomic_dir(out) as tmp:
+        save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest)
+    return {"achieved_fraction": report.achieved_fraction, "params_after": manifest["params_after"]}
+
+
+def _load_allocation(path: Path) -> Allocation:
+    """The allocation stage's artifact: per-block keep ratios and kept indices."""
+    alloc_file = Path(path)
+    alloc_file = alloc_file / ALLOCATION if alloc_file.is_dir() else alloc_file
+    data = read_json(alloc_file, expect=dict)
+    try:
+        alloc = Allocation.from_dict(data)
+        if len(alloc.keep_ratios) != len(alloc.blocks):
+            raise ValueError("keep_ratios and blocks differ in length")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CfspError(f"{alloc_file} is not an allocation ({_what(err)})") from err
+    return alloc
+
+
+def prune_stage(
+    model_spec: str,
+    stats_path: Path,
+    allocation_path: Path,
+    cfg: PruneConfig,
+    out: Path,
+    dtype: str = "float32",
+) -> dict:
+    """Slice the dense model to the allocation, with no compensation."""
+    cfg = cfg.model_copy(update={"reconstruct": "none"})
+    alloc = _load_allocation(allocation_path)
+    return _slice(model_spec, stats_path, alloc, cfg, out, dtype, None)
+
+
+def reconstruct_stage(
+    model_spec: str,
+    allocation_path: Path,
+    stats_path: Path,
+    cfg: PruneConfig,
+    out: Path,
+    tokens: Path | None = None,
+    dtype: str = "float32",
+) -> dict:
+    """Slice the dense model to the allocation artifact's kept indices, folding the pruned
+    inputs into the kept ones (cfg.reconstruct)."""
+    alloc = _load_allocation(allocation_path)
+    return _slice(
+        model_spec,
+        stats_path,
+        alloc,
+        cfg,
+        out,
+        dtype,
+        tokens if cfg.stats == "sequential" else None,
+    )
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (or copy) every file of `src` into `dst`: a pass-through costs no space."""
+    import os
+    import shutil
+
+    for path in src.iterdir():
+        if path.is_file():
+            try:
+                os.link(path, dst / path.name)
+            except OSError:
+                shutil.copy2(path, dst / path.name)
+
+
+def recover_stage(
+    model_dir: Path,
+    stats_path: Path,
+    cfg: RecoverConfig,
+    out: Path,
+    dtype: str = "float32",
+    temperature: float = 1.0,
+    control: float = 1.0,
+    on_step=None,
+) -> dict:
+    """LoRA on the pruned checkpoint, merged back (cfsp.recover); ranks follow the blocks' coarse
+    importance when cfg.mode == "ig". Disabled: `out` is the input checkpoint, hard-linked."""
+    import torch
+
+    from cfsp.allocate import block_scores
+    from cfsp.recover import recover
+
+    check_output_dir(out)
+    model_dir = Path(model_dir)
+    if not cfg.enabled:
+        with atomic_dir(out) as tmp:
+            _link_tree(model_dir, tmp)
+        return {"enabled": False}
+    stats_dir = Path(stats_path)
+    stats_dir = stats_dir if stats_dir.is_dir() else stats_dir.parent
+    try:
+        angular = torch.tensor(read_json(stats_dir / "capture.json", expect=dict)["angular"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise CfspError(
+            f"{stats_dir}/capture.json records no angular distances ({_what(err)})"
+        ) from err
+    importance = block_scores(angular, temperature, control).tolist()
+    loaded = load_model(str(model_dir), dtype=dtype)
+    windows = calibration_windows(
+        cfg.source, loaded.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, loaded.model
+    )
+    model, record = recover(loaded.model, windows.ids, importance, cfg, on_step=on_step)
+    record.update(config=cfg.model_dump(), importance=importance, text=windows.fingerprint)
+    manifest = dict(read_manifest(model_dir), recover=record)
+    with atomic_dir(out) as tmp:
+        save_checkpoint(model, loaded.tokenizer, tmp, manifest)
+        loss_plot(record["losses"], f"recover {cfg.mode} rank {cfg.rank}", tmp / "recover_loss.png")
+    log.info(
+        "recover %s: %d steps, loss %.4f -> %.4f, %d trainable params, %.1fs",
+        cfg.mode,
+        cfg.steps,
+        record["losses"][0],
+        record["losses"][-1],
+        record["trainable_params"],
+        record["wall_s"],
+    )
+    return {k: record[k] for k in ("mode", "ranks", "trainable_params", "losses", "wall_s")}
+
+
+def evaluate_stage(
+    model_dir: str,
+    cfg: EvalConfig,
+    out: Path,
+    dtype: str = "float32",
+    reference: str | None = None,
+) -> dict:
+    """Perplexity on each source at cfg.seqlen, parameter count, zero-shot accuracy and speed
+    against `reference` when configured -> out/metrics.json."""
+    check_output_dir(out)
+    metrics = evaluate_model(str(model_dir), cfg, dtype, reference=reference)
+    with atomic_dir(out) as tmp:
+        write_json(tmp / METRICS, metrics)
+        write_json(tmp / "evaluate.json", {"config": cfg.model_dump(), "reference": reference})
+    return metrics
