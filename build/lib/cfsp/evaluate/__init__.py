@@ -1,1 +1,0 @@
-"""Evaluation: perplexity at an explicit context length (more in later modules)."""
