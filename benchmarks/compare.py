@@ -26,6 +26,7 @@ from cfsp.engine.driver import prune_model
 from cfsp.evaluation.perplexity import perplexity
 from cfsp.io import write_json
 from cfsp.logs import setup_logging
+from cfsp.metrics import render_table
 from cfsp.models import count_params, load_model
 from cfsp.pruning import library_versions
 
@@ -139,16 +140,14 @@ def _payload(args, forward_s, stats, calib, eval_sets, rows) -> dict:
 
 
 def markdown_table(rows: list[dict], sources: list[str]) -> str:
-    head = "| budget | variant | achieved | params | " + " | ".join(f"{s} ppl" for s in sources)
-    head += " | time ratio |\n|---|---|---|---|" + "---|" * len(sources) + "---|\n"
-    body = ""
+    cells = []
     for r in rows:
-        ppl = " | ".join(f"{r['ppl'][s]:.2f}" for s in sources)
-        body += (
-            f"| {r['budget']:.2f} | {r['variant']} | {r['achieved']:.4f} | {r['params']:,} | "
-            f"{ppl} | {r.get('time_ratio', '')} |\n"
-        )
-    return head + body
+        row = {"budget": f"{r['budget']:.2f}", "variant": r["variant"]}
+        row.update(achieved=f"{r['achieved']:.4f}", params=f"{r['params']:,}")
+        row.update({f"{s} ppl": f"{r['ppl'][s]:.2f}" for s in sources})
+        row["time ratio"] = r.get("time_ratio", "")
+        cells.append(row)
+    return render_table(cells) + "\n"
 
 
 if __name__ == "__main__":

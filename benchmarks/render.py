@@ -9,6 +9,8 @@ import json
 import sys
 from pathlib import Path
 
+from cfsp.metrics import render_table
+
 PRESETS = ["cfsp", "cfsp+structures=ffn", "flap", "wanda_sp", "act_norm", "magnitude", "random"]
 GRID = {  # criterion row -> variant per reconstruction column
     "cfsp (cfsp allocation)": {
@@ -33,49 +35,38 @@ def _short(source: str) -> str:
     return "wikitext2 valid" if source.endswith("valid.txt") else source
 
 
+def _row(r: dict, sources: list[str], budget, method: str, achieved) -> dict:
+    row = {"budget": budget, "method": method, "removed": achieved, "params": f"{r['params']:,}"}
+    row.update({_short(s): f"{r['ppl'][s]:.2f}" for s in sources})
+    row["time / dense forward"] = f"{r['time_ratio']:.2f}" if "time_ratio" in r else ""
+    return row
+
+
 def main(path: str) -> None:
     data = json.loads(Path(path).read_text())
     rows = {(r["variant"], r["budget"]): r for r in data["rows"]}
     dense = rows[("dense", 0.0)]
     sources = list(dense["ppl"])
     budgets = sorted({r["budget"] for r in data["rows"] if r["variant"] != "dense"})
-    print(
-        "| budget | method | removed | params | "
-        + " | ".join(map(_short, sources))
-        + " | time / dense forward |"
-    )
-    print("|---|---|---|---|" + "---|" * len(sources) + "---|")
-    print(
-        f"| 0 | dense | 0 | {dense['params']:,} | "
-        + " | ".join(f"{dense['ppl'][s]:.2f}" for s in sources)
-        + " | |"
-    )
+    table = [_row(dense, sources, 0, "dense", 0)]
     for b in budgets:
-        for v in PRESETS:
-            r = rows.get((v, b))
-            if r:
-                print(
-                    f"| {b} | {v} | {r['achieved']:.4f} | {r['params']:,} | "
-                    + " | ".join(f"{r['ppl'][s]:.2f}" for s in sources)
-                    + f" | {r['time_ratio']:.2f} |"
-                )
-    print()
+        table += [
+            _row(rows[(v, b)], sources, b, v, f"{rows[(v, b)]['achieved']:.4f}")
+            for v in PRESETS
+            if (v, b) in rows
+        ]
+    print(render_table(table) + "\n")
     for source in sources[:2]:
         print(f"{_short(source)} perplexity (dense {dense['ppl'][source]:.2f}):\n")
-        print(
-            "| criterion | "
-            + " | ".join(f"p={b} {m}" for b in budgets for m in ("none", "bias", "liar"))
-            + " |"
-        )
-        print("|---|" + "---|" * (3 * len(budgets)))
+        grid = []
         for label, cols in GRID.items():
-            cells = []
+            row = {"criterion": label}
             for b in budgets:
                 for m in ("none", "bias", "liar"):
                     r = rows.get((cols[m], b))
-                    cells.append(f"{r['ppl'][source]:.2f}" if r else "-")
-            print(f"| {label} | " + " | ".join(cells) + " |")
-        print()
+                    row[f"p={b} {m}"] = f"{r['ppl'][source]:.2f}" if r else "-"
+            grid.append(row)
+        print(render_table(grid) + "\n")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from cfsp.metrics import render_table
+
 BOOLQ_NOTE = (
     "BoolQ at this scale mostly measures a yes/no bias: about 62% of its validation answers are "
     "'yes', a model that always says 'yes' scores about that, and a pruned model that drifts "
@@ -130,39 +132,42 @@ def _model_targets(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _rounded_cells(r: dict) -> str:
-    s, rd = r.get("speed_bf16") or {}, r.get("rounded")
-    speed = f"x{s['speedup']:.2f} (x{s['ideal']:.2f})" if s else "-"
-    if not rd:
-        return f"{speed} | - |"
-    rounded_speed = (
-        f", x{s['rounded_speedup']:.2f} (x{s['rounded_ideal']:.2f})"
-        if "rounded_speedup" in s
-        else ""
-    )
-    return f"{speed} | {rd['achieved']:.4f}, {rd['ppl_wikitext2']:.2f}{rounded_speed} |"
-
-
-def _row_line(r: dict) -> str:
+def row_cells(r: dict, round_to: int | str = 64) -> dict:
+    """One suite row as the cells of BENCHMARKS.md's table (and the flow's artifact); '-'
+    where the suite measured nothing (dense, --no-speed, --no-rounded)."""
     zs = f"{100 * _acc(r):.1f}" if _acc(r) is not None else "-"
-    if r["method"] == "dense":
-        return (
-            f"| 0 | dense | 0 | {r['params']:,} | {r['ppl']['wikitext2']:.2f} | "
-            f"{r['ppl']['botchan']:.2f} | {zs} | - | - | - |"
+    dense = r["method"] == "dense"
+    cells = {
+        "p": 0 if dense else r["budget"],
+        "method": r["method"],
+        "removed": 0 if dense else f"{r['achieved']:.4f}",
+        "params": f"{r['params']:,}",
+        "WikiText-2": f"{r['ppl']['wikitext2']:.2f}",
+        "Botchan": f"{r['ppl']['botchan']:.2f}",
+        "zero-shot avg": zs,
+    }
+    rounded = f"rounded to {round_to}: removed, WikiText-2, bf16 (ideal)"
+    if dense:
+        return {**cells, "time ratio": "-", "bf16 prefill (ideal)": "-", rounded: "-"}
+    s, rd = r.get("speed_bf16") or {}, r.get("rounded")
+    cells["time ratio"] = f"{r['time_ratio']:.2f}"
+    cells["bf16 prefill (ideal)"] = f"x{s['speedup']:.2f} (x{s['ideal']:.2f})" if s else "-"
+    cells[rounded] = "-"
+    if rd:
+        cells[rounded] = f"{rd['achieved']:.4f}, {rd['ppl_wikitext2']:.2f}" + (
+            f", x{s['rounded_speedup']:.2f} (x{s['rounded_ideal']:.2f})"
+            if "rounded_speedup" in s
+            else ""
         )
-    return (
-        f"| {r['budget']} | {r['method']} | {r['achieved']:.4f} | {r['params']:,} | "
-        f"{r['ppl']['wikitext2']:.2f} | {r['ppl']['botchan']:.2f} | {zs} | "
-        f"{r['time_ratio']:.2f} | {_rounded_cells(r)}"
-    )
+    return cells
 
 
 def targets_markdown(targets: list[dict]) -> str:
     """The targets as a markdown table: what is asked, met / NOT met / not measured, numbers."""
     marks = {True: "met", False: "NOT met", None: "not measured"}
-    lines = ["| target | result | numbers |", "|---|---|---|"]
-    lines += [f"| {t['target']} | {marks[t['met']]} | {t['numbers']} |" for t in targets]
-    return "\n".join(lines)
+    rows = [{"target": t["target"], "result": marks[t["met"]], "numbers": t["numbers"]}
+            for t in targets]  # fmt: skip
+    return render_table(rows)
 
 
 def render_markdown(payloads: list[dict], md_dir: Path) -> str:
@@ -226,10 +231,7 @@ def _section(payload: dict, md_dir: Path) -> list[str]:
         "",
         f"### All rows ({st['model']})",
         "",
-        "| p | method | removed | params | WikiText-2 | Botchan | zero-shot avg | time ratio | "
-        f"bf16 prefill (ideal) | rounded to {st['round_to']}: removed, WikiText-2, bf16 (ideal) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *[_row_line(r) for r in rows],
+        render_table([row_cells(r, st["round_to"]) for r in rows]),
         "",
         f"![perplexity vs budget, {st['model']}]({os.path.relpath(st['plot'], md_dir)})",
         "",
@@ -257,20 +259,17 @@ def _zeroshot_lines(rows: list[dict]) -> list[str]:
         return []
     names = [k for k in tasks[0]["zeroshot"] if k not in ("average", "key")]
     rest = [n for n in names if n != "boolq"]
-    extra = " average without boolq |" if "boolq" in names and rest else ""
-    lines = [
-        "### Zero-shot accuracy per task",
-        "",
-        "| p | method | " + " | ".join(names) + " | average |" + extra,
-        "|---|---|" + "---|" * (len(names) + 1 + bool(extra)),
-    ]
+    extra = "average without boolq" if "boolq" in names and rest else ""
+    table = []
     for r in tasks:
         z = r["zeroshot"]
-        cells = " | ".join(f"{100 * z[n]:.1f}" for n in names)
-        line = f"| {r['budget']} | {r['method']} | {cells} | {100 * z['average']:.1f} |"
+        row = {"p": r["budget"], "method": r["method"]}
+        row.update({n: f"{100 * z[n]:.1f}" for n in names})
+        row["average"] = f"{100 * z['average']:.1f}"
         if extra:
-            line += f" {100 * sum(z[n] for n in rest) / len(rest):.1f} |"
-        lines.append(line)
+            row[extra] = f"{100 * sum(z[n] for n in rest) / len(rest):.1f}"
+        table.append(row)
+    lines = ["### Zero-shot accuracy per task", "", render_table(table)]
     if extra:
         lines += ["", BOOLQ_NOTE]
     return lines + [""]

@@ -396,7 +396,7 @@ def run_cmd(
     from cfsp.prefect_env import configure_prefect
 
     configure_prefect()
-    from flows.compress import run_sweep
+    from cfsp.pipeline.flows import run_sweep
 
     start = time.perf_counter()
     try:
@@ -453,7 +453,7 @@ def serve_cmd(
     check_cron(cron)
     from prefect import serve
 
-    from flows.compress import deploy_sweep
+    from cfsp.pipeline.flows import deploy_sweep
 
     serve(deploy_sweep(p, name, cron))
 
@@ -489,31 +489,13 @@ def dashboard_cmd(
 
 
 def _print_summaries(summaries: list[dict], seconds: float) -> None:
-    from rich.console import Console
-    from rich.table import Table
+    """The sweep's results table (the report's own) and where the report is."""
+    from cfsp.report import results_table
 
-    table = Table(title=f"cfsp results ({seconds:.0f}s)")
-    columns = ("run", "removed", "params", "perplexity: dense -> pruned (x)", "prefill fp32/bf16")
-    for col in columns:
-        table.add_column(col)
-    for s in summaries:
-        m = s["metrics"]
-        ppl = ", ".join(
-            f"{k} {s['dense_ppl'][k]:.2f} -> {v:.2f} ({v / s['dense_ppl'][k]:.2f}x)"
-            for k, v in s["ppl"].items()
-        )
-        speed = "/".join(
-            f"x{m[f'prefill_speedup_{t}']:.2f}"
-            for t in ("fp32", "bf16")
-            if f"prefill_speedup_{t}" in m
-        )
-        table.add_row(
-            s["name"], f"{100 * m['achieved_fraction']:.1f}%", f"{m['params']:,}", ppl, speed or "-"
-        )
-    console = Console(width=160)
-    console.print(table)
+    typer.echo(f"cfsp results ({seconds:.0f}s)")
     if summaries:
-        console.print(f"report: {summaries[0]['sweep_report']}; dashboard: cfsp dashboard")
+        typer.echo(results_table(summaries))
+        typer.echo(f"report: {summaries[0]['sweep_report']}; dashboard: cfsp dashboard")
 
 
 stage_app = typer.Typer(
@@ -528,13 +510,26 @@ BudgetOpt = Annotated[float, typer.Option(help="Budget (fraction of block parame
 MethodOpt = Annotated[str, typer.Option(help="Method variant, e.g. cfsp or flap+reconstruct=liar.")]
 
 
+def _run_stage(name: str, p, model: str, out: Path, inputs: dict, prune=None, reference=None):
+    """Run a registered stage (cfsp.pipeline.registry) with its declared params sections."""
+    from cfsp.pipeline.registry import StageContext, run_stage, sections
+
+    ctx = StageContext(
+        model=str(model),
+        out=out,
+        inputs=inputs,
+        sections=sections(name, p),
+        prune=None if prune is None else prune.model_dump(),
+        reference=reference,
+    )
+    return run_stage(name, ctx)
+
+
 @stage_app.command("prepare")
 def stage_prepare(model: StageModelOpt, out: OutOpt, params: ParamsOpt = Path("params.yaml")):
     """Calibration text -> token windows (tokens.safetensors)."""
-    from cfsp import stages
-
     p = _params(params)
-    fp = stages.prepare(model, p.prepare, out, p.dtype)
+    fp = _run_stage("prepare", p, model, out, {})
     typer.echo(f"{out}: {fp['count']} windows x {fp['seqlen']} tokens from {fp['source']}")
 
 
@@ -546,10 +541,8 @@ def stage_capture(
     params: ParamsOpt = Path("params.yaml"),
 ):
     """One pass over the calibration tokens -> per-block statistics (stats.safetensors)."""
-    from cfsp import stages
-
     p = _params(params)
-    info = stages.capture_stage(model, tokens, out, p.capture.batch_size, p.dtype)
+    info = _run_stage("capture", p, model, out, {"prepare": tokens})
     typer.echo(f"{out}: statistics of {info['blocks']} blocks in {info['wall_s']:.1f}s")
 
 
@@ -566,15 +559,13 @@ def stage_allocate(
     ] = None,
 ):
     """Statistics + budget -> per-block keep ratios and kept indices (allocation.json/.png)."""
-    from cfsp import stages
-
     p = _params(params)
     cfg = _prune_cfg(p, method, budget)
     if plot_data is not None:
         from cfsp.io import check_output_file
 
         check_output_file(plot_data)
-    info = stages.allocate_stage(model, stats, cfg, out, p.dtype)
+    info = _run_stage("allocate", p, model, out, {"capture": stats}, cfg)
     if plot_data is not None:
         from cfsp.io import atomic_file
 
@@ -609,17 +600,16 @@ def stage_prune(
     params: ParamsOpt = Path("params.yaml"),
 ):
     """Dense model + allocation -> physically pruned checkpoint (no compensation)."""
-    from cfsp import stages
-
     p = _params(params)
-    info = stages.prune_stage(model, stats, allocation, _prune_cfg(p, method, budget), out, p.dtype)
+    inputs = {"capture": stats, "allocate": allocation}
+    info = _run_stage("prune", p, model, out, inputs, _prune_cfg(p, method, budget))
     typer.echo(f"{out}: {100 * info['achieved_fraction']:.2f}% of block parameters removed")
 
 
 @stage_app.command("reconstruct")
 def stage_reconstruct(
     model: StageModelOpt,
-    pruned: Annotated[Path, typer.Option()],
+    allocation: Annotated[Path, typer.Option(help="Allocate output (kept indices).")],
     stats: Annotated[Path, typer.Option()],
     tokens: Annotated[Path, typer.Option()],
     out: OutOpt,
@@ -627,12 +617,12 @@ def stage_reconstruct(
     method: MethodOpt,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """Pruned checkpoint + statistics -> reconstructed checkpoint (the method's reconstruction)."""
-    from cfsp import stages
-
+    """Dense model + allocation + statistics -> reconstructed checkpoint (the method's
+    reconstruction folded into the kept channels)."""
     p = _params(params)
     cfg = _prune_cfg(p, method, budget)
-    stages.reconstruct_stage(model, pruned, stats, cfg, out, tokens, p.dtype)
+    inputs = {"prepare": tokens, "capture": stats, "allocate": allocation}
+    _run_stage("reconstruct", p, model, out, inputs, cfg)
     typer.echo(f"{out}: reconstructed with {cfg.reconstruct}")
 
 
@@ -645,12 +635,8 @@ def stage_recover(
 ):
     """Checkpoint -> LoRA-healed checkpoint, adapters merged (params.yaml `recover`; when
     recover.enabled is false the input is passed through as hard links)."""
-    from cfsp import stages
-
     p = _params(params)
-    info = stages.recover_stage(
-        checkpoint, stats, p.recover, out, p.dtype, p.allocate.temperature, p.allocate.control
-    )
+    info = _run_stage("recover", p, "", out, {"reconstruct": checkpoint, "capture": stats})
     if not info.get("enabled", True):
         typer.echo(f"{out}: recovery disabled, checkpoint passed through")
         return
@@ -664,7 +650,7 @@ def stage_evaluate(
     out: OutOpt,
     params: ParamsOpt = Path("params.yaml"),
     metrics: Annotated[
-        Path | None, typer.Option(help="Also write compact metrics JSON here (for dvc metrics).")
+        Path | None, typer.Option(help="Also write the flat metrics JSON here (for dvc metrics).")
     ] = None,
     reference: Annotated[
         str | None,
@@ -673,19 +659,22 @@ def stage_evaluate(
 ):
     """Checkpoint -> metrics.json (perplexity at the configured seqlen, parameter count,
     zero-shot accuracy and speed when configured)."""
-    from cfsp import stages
     from cfsp.io import write_json
+    from cfsp.metrics import flatten
 
     p = _params(params)
     if metrics is not None:
         from cfsp.io import check_output_file
 
         check_output_file(metrics)
-    result = stages.evaluate_stage(model, p.evaluate, out, p.dtype, reference)
-    compact = stages.compact_metrics(result)
+    if reference is None:  # a model scored on its own (the dense one in dvc.yaml)
+        result = _run_stage("evaluate-dense", p, model, out, {})
+    else:
+        result = _run_stage("evaluate", p, model, out, {"recover": Path(model)}, None, reference)
+    flat = flatten(result)
     if metrics is not None:
-        write_json(metrics, compact)
-    typer.echo(f"{out}: {compact}")
+        write_json(metrics, flat)
+    typer.echo(f"{out}: " + ", ".join(f"{k} {v:.6g}" for k, v in flat.items()))
 
 
 def main(argv: list[str] | None = None) -> int:

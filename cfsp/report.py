@@ -1,18 +1,20 @@
 """Markdown and HTML reports, per run and per sweep, with the plots people look at first.
 
-A run summary (written by the flow as runs/<name>/summary.json) holds: name, model, budget,
-method, metrics (flat: ppl_<source>_s<L>[_ratio], acc_*, params_ratio, achieved_fraction,
-<speed figure>_<fp32|bf16>), ppl and dense_ppl ({source: value}), keep_ratios.
+A run summary (`run_summary`, written as runs/<name>/summary.json) holds: name, model, budget,
+method, metrics (the flat schema of cfsp.metrics), ppl and dense_ppl ({source: value}),
+keep_ratios, and where its artifacts are.
 Sweep report files: report.md, report.html, ppl_vs_budget.png, keep_ratios.png, tradeoff.png.
 """
 
 from __future__ import annotations
 
 import datetime
+import shutil
 from pathlib import Path
 
 from cfsp import __version__
-from cfsp.io import atomic_file
+from cfsp.io import atomic_file, read_json
+from cfsp.metrics import flatten, render_table
 from cfsp.plots import keep_ratio_plot, ppl_vs_budget_plot, tradeoff_plot
 
 PLOTS = ("ppl_vs_budget.png", "keep_ratios.png", "tradeoff.png")
@@ -20,45 +22,51 @@ CSS = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border
 CSS += "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}"
 
 
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
-
-
-def _speed_cell(metrics: dict, tag: str) -> str:
-    if f"prefill_speedup_{tag}" not in metrics:
+def _ratio_cell(metrics: dict, figure: str, tag: str) -> str:
+    """`xS (ideal xI)` for a measured speed-up, `-` when it was not measured."""
+    speed = metrics.get(f"speed/{figure}_{tag}")
+    if speed is None:
         return "-"
-    return (
-        f"x{metrics[f'prefill_speedup_{tag}']:.2f} (ideal x{metrics[f'ideal_speedup_{tag}']:.2f})"
-    )
+    return f"x{speed:.2f} (ideal x{metrics[f'speed/ideal_{tag}']:.2f})"
+
+
+def _ppl_cell(summary: dict, source: str) -> str:
+    dense, ours = summary["dense_ppl"][source], summary["ppl"][source]
+    return f"{dense:.2f} -> {ours:.2f} (x{ours / dense:.2f})"
+
+
+def result_row(summary: dict, sources: list[str]) -> dict:
+    """One run as table cells: removed fraction, size, perplexity, accuracy, speed, memory."""
+    m = summary["metrics"]
+    removed = m.get("params/removed_fraction")
+    zero, memory = m.get("zeroshot/average"), m.get("speed/memory_fp32")
+    row = {
+        "run": summary["name"],
+        "removed": "-" if removed is None else f"{removed:.4f}",
+        "params": f"x{m['params/kept_fraction']:.3f}",
+    }
+    row.update({f"ppl {s}": _ppl_cell(summary, s) for s in sources})
+    row["zero-shot avg"] = "-" if zero is None else f"{zero:.3f}"
+    row["prefill fp32"] = _ratio_cell(m, "prefill", "fp32")
+    row["prefill bf16"] = _ratio_cell(m, "prefill", "bf16")
+    row["memory"] = "-" if memory is None else f"x{memory:.3f}"
+    return row
 
 
 def results_table(summaries: list[dict]) -> str:
     """One row per run: size, perplexity per source (dense -> pruned, ratio), accuracy, speed."""
     sources = list(summaries[0]["ppl"])
-    head = ["run", "removed", "params"] + [f"ppl {s}" for s in sources]
-    head += ["zero-shot avg", "prefill fp32", "prefill bf16", "memory"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for s in summaries:
-        m = s["metrics"]
-        cells = [s["name"], _fmt(m["achieved_fraction"], 4), f"x{m['params_ratio']:.3f}"]
-        for src in sources:
-            dense, ours = s["dense_ppl"][src], s["ppl"][src]
-            cells.append(f"{dense:.2f} -> {ours:.2f} (x{ours / dense:.2f})")
-        cells += [_fmt(m.get("acc_average")), _speed_cell(m, "fp32"), _speed_cell(m, "bf16")]
-        memory = m.get("memory_ratio_fp32")
-        cells.append("-" if memory is None else f"x{memory:.3f}")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return render_table([result_row(s, sources) for s in summaries])
 
 
 def _tradeoff_rows(summaries: list[dict]) -> tuple[list[dict], str, str]:
     """Measured fp32 prefill speed-up when every run has it, else the parameter reduction."""
     source = next(iter(summaries[0]["ppl"]))
-    measured = all("prefill_speedup_fp32" in s["metrics"] for s in summaries)
+    measured = all("speed/prefill_fp32" in s["metrics"] for s in summaries)
     rows = []
     for s in summaries:
         m = s["metrics"]
-        x = m["prefill_speedup_fp32"] if measured else 1 / m["params_ratio"]
+        x = m["speed/prefill_fp32"] if measured else 1 / m["params/kept_fraction"]
         rows.append({"name": s["name"], "x": x, "y": s["ppl"][source] / s["dense_ppl"][source]})
     xlabel = "prefill speed-up, fp32 (measured)" if measured else "dense params / pruned params"
     return rows, xlabel, f"perplexity ratio on {source}"
@@ -108,10 +116,61 @@ def sweep_report(summaries: list[dict], folder: Path) -> list[Path]:
 def run_report(summary: dict, folder: Path) -> list[Path]:
     """One run's report: its row of the table, every metric, and its allocation plot."""
     folder.mkdir(parents=True, exist_ok=True)
-    metrics = "\n".join(
-        f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-        for k, v in sorted(summary["metrics"].items())
-    )
-    body = results_table([summary]) + "\n\n## All metrics\n\n| metric | value |\n|---|---|\n"
-    body += metrics + "\n\n## Allocation\n\n![allocation](allocation.png)\n"
+    rows = [{"metric": k, "value": v} for k, v in sorted(summary["metrics"].items())]
+    body = results_table([summary]) + "\n\n## All metrics\n\n" + render_table(rows)
+    body += "\n\n## Allocation\n\n![allocation](allocation.png)\n"
     return render(f"cfsp run {summary['name']}", body, folder)
+
+
+def allocation_rows(allocation: dict) -> list[dict]:
+    """An allocation.json as table rows: block, keep ratio, kept widths."""
+    pairs = zip(allocation["keep_ratios"], allocation["widths"], strict=True)
+    return [{"block": i, "keep": round(k, 4), **w} for i, (k, w) in enumerate(pairs)]
+
+
+def run_summary(
+    name: str, model: str, budget: float, method: str, records: dict[str, dict], dense: dict
+) -> dict:
+    """One run's summary from its stage records ({stage: {path, hash, stage_s, info}}, the
+    recover record absent when healing is off) and the dense model's evaluate record."""
+    alloc_dir, evaluation = Path(records["allocate"]["path"]), records["evaluate"]["info"]
+    healed = records.get("recover")
+    timings = {stage: record["stage_s"] for stage, record in records.items()}
+    timings["capture_pass"] = records["capture"]["info"]["wall_s"]
+    metrics = flatten(
+        evaluation,
+        dense["info"],
+        records["reconstruct"]["info"]["achieved_fraction"],
+        timings,
+        healed["info"] if healed else None,
+    )
+    checkpoint = (healed or records["reconstruct"])["path"]
+    return {
+        "name": name,
+        "model": model,
+        "budget": budget,
+        "method": method,
+        "checkpoint": checkpoint,
+        "metrics": metrics,
+        "seqlen": evaluation["seqlen"],
+        "dense_ppl": {s: r["ppl"] for s, r in dense["info"]["perplexity"].items()},
+        "ppl": {s: r["ppl"] for s, r in evaluation["perplexity"].items()},
+        "keep_ratios": read_json(alloc_dir / "allocation.json")["keep_ratios"],
+        "allocation_plot": str(alloc_dir / "allocation.png"),
+        "recover_losses": healed["info"]["losses"] if healed else [],
+        "recover_files": [str(Path(healed["path"]) / "recover_loss.png")] if healed else [],
+        "files": [
+            str(alloc_dir / "allocation.json"),
+            str(alloc_dir / "allocation.png"),
+            str(Path(records["reconstruct"]["path"]) / "cfsp_manifest.json"),
+            str(Path(records["evaluate"]["path"]) / "metrics.json"),
+        ],
+    }
+
+
+def write_run_report(summary: dict, folder: Path) -> list[Path]:
+    """The run's report folder: its allocation plot and report; records the report's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(summary["allocation_plot"], folder / "allocation.png")
+    summary["report"] = str(folder / "report.html")
+    return run_report(summary, folder) + [folder / "allocation.png"]

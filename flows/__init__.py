@@ -1,1 +1,2 @@
-"""Prefect flows: `compress` (one model x budget x method) and `sweep` (the grid)."""
+"""Prefect flows (entry points): `compress`/`sweep` re-exported from cfsp.pipeline.flows, and
+`benchmark` (the benchmark suite, a checkout-only flow)."""

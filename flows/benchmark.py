@@ -3,7 +3,8 @@
 The suite stays ONE process and ONE task (its calibration statistics are captured once and
 shared by every row, and its timings need the cores to itself), so the flow adds what a team
 dashboard needs around it: a flow run with the suite's log, the targets table and every row
-as Prefect artifacts, and the targets as the flow's result.
+as Prefect artifacts, and the targets as the flow's result. This module lives in the checkout
+only (it imports the uninstalled `benchmarks` package); nothing installed imports it.
 
   python -m flows.benchmark                          # same options as python -m benchmarks.suite
   python -m flows.benchmark --budgets 0.2 --methods default flap+liar --tasks ''
@@ -14,12 +15,13 @@ from __future__ import annotations
 import sys
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 
 from benchmarks.suite import main as run_suite
 from benchmarks.suite import parse_args
-from benchmarks.targets import targets_markdown
+from benchmarks.targets import row_cells, targets_markdown
 from cfsp.io import read_json
+from cfsp.metrics import render_table
 
 
 @task(name="benchmark-suite", persist_result=False, result_serializer="json")
@@ -27,23 +29,6 @@ def suite_task(argv: list[str]) -> str:
     """Run (or resume) the suite; returns the path of its JSON result."""
     run_suite(argv)
     return str(parse_args(argv).out)
-
-
-def _row_cells(row: dict) -> dict:
-    zero = row.get("zeroshot") or {}
-    cells = {
-        "p": row["budget"],
-        "method": row["method"],
-        "params": row["params"],
-        "wikitext2": round(row["ppl"]["wikitext2"], 2),
-        "botchan": round(row["ppl"]["botchan"], 2),
-        "zeroshot_avg": round(100 * zero["average"], 1) if zero else None,
-    }
-    if row["method"] != "dense":
-        cells["time_ratio"] = round(row["time_ratio"], 2)
-        cells["bf16_speedup"] = round(row["speed_bf16"]["speedup"], 3)
-        cells["ideal_speedup"] = round(row["speed_bf16"]["ideal"], 3)
-    return cells
 
 
 @flow(name="benchmark", log_prints=True, persist_result=False, result_serializer="json")
@@ -55,10 +40,10 @@ def benchmark(argv: list[str] | None = None) -> list[dict]:
         markdown="# Benchmark targets\n\n" + targets_markdown(result["targets"]),
         description="cfsp benchmark suite: targets met or not, with numbers",
     )
-    create_table_artifact(
+    create_markdown_artifact(
         key="benchmark-rows",
-        table=[_row_cells(r) for r in result["rows"]],
-        description="cfsp benchmark suite: one row per method and budget",
+        markdown=render_table([row_cells(r) for r in result["rows"]]),
+        description="cfsp benchmark suite: one row per method and budget (as in BENCHMARKS.md)",
     )
     return result["targets"]
 

@@ -1,1 +1,1 @@
-"""Prefect tasks: thin wrappers, one per pipeline stage (see tasks/stages.py)."""
+"""Prefect tasks (entry points re-exported from cfsp.pipeline.tasks and .tracking)."""

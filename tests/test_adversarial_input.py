@@ -560,19 +560,21 @@ def test_tokens_that_are_a_fifo(proj, tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "manifest,match",
+    "payload,match",
     [
         ([], "holds a JSON array, expected a JSON object"),
-        ({"request": {}}, "its manifest records no pruning (no 'prune' entry)"),
-        ({"prune": {"keep_ratios": [1.0]}}, "its manifest records no pruning (no 'kept' entry)"),
+        ({"keep_ratios": [1.0]}, "is not an allocation (no 'blocks' entry)"),
     ],
-    ids=["list", "no-prune", "no-kept"],
+    ids=["list", "no-blocks"],
 )
-def test_manifest_of_the_wrong_structure(proj, artifacts, tmp_path, capsys, manifest, match):
-    ckpt = copy_model(proj, tmp_path / "c", "ckpt")
-    (ckpt / "cfsp_manifest.json").write_text(json.dumps(manifest))
+def test_reconstruct_from_an_allocation_of_the_wrong_structure(
+    proj, artifacts, tmp_path, capsys, payload, match
+):
+    """reconstruct reads the kept indices from the allocation artifact, checked as prune does."""
+    alloc = tmp_path / "allocation.json"
+    alloc.write_text(json.dumps(payload))
     out = tmp_path / "rec"
-    args = ["stage", "reconstruct", "--model", proj / "tiny", "--pruned", ckpt, "--stats",
+    args = ["stage", "reconstruct", "--model", proj / "tiny", "--allocation", alloc, "--stats",
             artifacts / "stats", "--tokens", artifacts / "tokens", "--out", out, "--budget",
             "0.3", "--method", "cfsp", "--params", proj / "params.yaml"]  # fmt: skip
     expect(capsys, args, 1, match)

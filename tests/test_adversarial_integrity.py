@@ -496,12 +496,15 @@ def _prefect_objects() -> list:
     from prefect.tasks import Task
 
     found = []
-    for folder in ("tasks", "flows"):
+    folders = {"cfsp/pipeline": "cfsp.pipeline", "tasks": "tasks", "flows": "flows"}
+    for folder, package in folders.items():
         for path in sorted((ROOT / folder).glob("*.py")):
-            module = importlib.import_module(f"{folder}.{path.stem}")
+            module = importlib.import_module(f"{package}.{path.stem}")
+            values = list(vars(module).items())
+            values += [(n, t) for n, t in getattr(module, "TASKS", {}).items()]  # registry-built
             found += [
-                (f"{folder}.{path.stem}.{name}", obj)
-                for name, obj in vars(module).items()
+                (f"{package}.{path.stem}.{name}", obj)
+                for name, obj in values
                 if isinstance(obj, Task | Flow) and obj.__module__ == module.__name__
             ]
     return found

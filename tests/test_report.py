@@ -4,12 +4,14 @@ from cfsp.report import results_table, run_report, sweep_report
 
 
 def _summary(method: str, budget: float, ppl: float, speed: float | None) -> dict:
-    metrics = {"achieved_fraction": budget, "params_ratio": 1 - 0.8 * budget, "params": 100}
+    metrics = {
+        "params/removed_fraction": budget,
+        "params/kept_fraction": 1 - 0.8 * budget,
+        "params/count": 100,
+    }
     if speed is not None:
         metrics.update(
-            prefill_speedup_fp32=speed,
-            ideal_speedup_fp32=speed + 0.1,
-            memory_ratio_fp32=0.8,
+            {"speed/prefill_fp32": speed, "speed/ideal_fp32": speed + 0.1, "speed/memory_fp32": 0.8}
         )
     return {
         "name": f"m__{method}__p{budget}",

@@ -151,7 +151,21 @@ def test_lm_eval_builds_the_standard_prompts(exported):
 
 # -- evaluation --------------------------------------------------------------------------------
 @needs_data
-def test_zeroshot_runs_offline_on_a_tiny_model(model, tiny_tokenizer):
+def test_zeroshot_runs_offline_on_a_tiny_model(model, tiny_tokenizer, monkeypatch):
+    """With every outgoing connection refused and no HF_*_OFFLINE set by cfsp, it still runs:
+    nothing reaches for the hub, so no thread needs to change the process environment."""
+    import os
+    import socket
+
+    def refuse(sock, address):
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            raise OSError(f"test: network refused ({address})")
+        return real_connect(sock, address)
+
+    real_connect = socket.socket.connect
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    environ = {k: os.environ.get(k) for k in keys}
     out = zeroshot(model, tiny_tokenizer, ["piqa", "cfsp_winogrande", "hellaswag"], limit=5)
     assert out["limit"] == 5 and out["lm_eval_version"]
     assert set(out["tasks"]) == {"piqa", "winogrande", "hellaswag"}
@@ -160,6 +174,7 @@ def test_zeroshot_runs_offline_on_a_tiny_model(model, tiny_tokenizer):
         assert ("acc_norm" in row) == (name != "winogrande")
     mean = sum(r["acc"] for r in out["tasks"].values()) / 3
     assert out["average_acc"] == pytest.approx(mean)
+    assert {k: os.environ.get(k) for k in keys} == environ  # (lm-eval's imports set others)
 
 
 def _loglikelihood(model, tok, context: str, continuation: str) -> float:

@@ -18,18 +18,15 @@ listed in `DEVIATIONS`.
 from __future__ import annotations
 
 import bz2
-import contextlib
 import json
-import os
 import re
-import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from cfsp.errors import UsageError
-from cfsp.io import sha256_file
+from cfsp.io import atomic_dir, sha256_file
 
 TASKS_MANIFEST = "cfsp_tasks.json"
 TAG = "cfsp_zeroshot"
@@ -265,25 +262,6 @@ def _write_task(tmp: Path, final: Path, name: str, source: Source, docs: list[di
     return {"items": len(docs), "split": source.split, "prompt": source.prompt}
 
 
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Put the finished folder `tmp` at `out_dir`, replacing a previous export."""
-    if not out_dir.exists():
-        os.replace(tmp, out_dir)
-        return
-    if any(out_dir.iterdir()) and not (out_dir / TASKS_MANIFEST).is_file():
-        raise UsageError(f"{out_dir} exists and is not a cfsp task export: refusing to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-    try:
-        os.replace(out_dir, old / "x")
-        try:
-            os.replace(tmp, out_dir)
-        except OSError:
-            os.replace(old / "x", out_dir)  # put the previous export back
-            raise
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_tasks(
     out_dir: str | Path,
     data_dir: str | Path | None = None,
@@ -301,38 +279,19 @@ def export_tasks(
     root = _data_root(data_dir) if set(names) & set(SOURCES) else None
     docs = {name: sources[name].read(root) for name in names}  # fail before writing anything
     out_dir = Path(out_dir).expanduser().resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the export is meant to be shared
-    try:
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / TASKS_MANIFEST).is_file():
+        raise UsageError(f"{out_dir} exists and is not a cfsp task export: refusing to replace it")
+    with atomic_dir(out_dir) as tmp:  # io's swap: a previous export is replaced or kept whole
         manifest = {"data_dir": str(root) if root else None, "tasks": {}}
         for name in names:
             info = _write_task(tmp, out_dir, name, sources[name], docs[name])
             files = {f: sha256_file(Path(root or "/", f)) for f in sources[name].files}
             manifest["tasks"][f"cfsp_{name}"] = {**info, "sources": files}
         (tmp / TASKS_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _swap_in(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
 
 
 # -- evaluation --------------------------------------------------------------------------------
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update(dict.fromkeys(keys, "1"))
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _summary(results: dict, names: list[str], limit: int | None, version: str) -> dict:
     rows = {}
     for name in names:
@@ -370,7 +329,11 @@ def zeroshot(
         raise UsageError(f"zero-shot limit must be a positive number of items, not {limit!r}")
     sources = task_sources(extra_arc)
     names = resolve_tasks(tasks, sources)
-    with _offline(), tempfile.TemporaryDirectory(prefix="cfsp-zeroshot-") as tmp:
+    # Nothing here reaches for the hub: the tasks are local JSON files (datasets' packaged
+    # `json` builder) and the model and tokenizer are in-memory objects. So no HF_*_OFFLINE
+    # variables are set: os.environ is shared by every thread (tests/test_zeroshot.py runs
+    # this with the network refused).
+    with tempfile.TemporaryDirectory(prefix="cfsp-zeroshot-") as tmp:
         folder = export_tasks(Path(tmp) / "tasks", data_dir, extra_arc, names)
         import lm_eval
         from lm_eval.models.huggingface import HFLM

@@ -4,11 +4,13 @@
     capture      model + tokens             -> stats.safetensors
     allocate     model + stats + config     -> allocation.json + allocation.png
     prune        model + allocation         -> pruned checkpoint (no compensation)
-    reconstruct  model + pruned dir + stats -> reconstructed checkpoint
+    reconstruct  model + allocation + stats -> reconstructed checkpoint
     recover      checkpoint + stats + text  -> LoRA-healed checkpoint, merged (optional)
     evaluate     checkpoint + eval config   -> metrics.json
 
-The CLI (`cfsp stage ...`), the Prefect tasks and the DVC stages all call these. Every output
+The stage registry (cfsp.pipeline.registry) declares each one's inputs, artifacts and
+parameters; the CLI (`cfsp stage ...`), the Prefect tasks and the DVC stages all call these
+through it. Every output
 is written to a temporary name and renamed into place.
 """
 
@@ -182,6 +184,20 @@ def _slice(
     return {"achieved_fraction": report.achieved_fraction, "params_after": manifest["params_after"]}
 
 
+def _load_allocation(path: Path) -> PrunePlan:
+    """The allocation stage's artifact: per-block keep ratios and kept indices."""
+    alloc_file = Path(path)
+    alloc_file = alloc_file / ALLOCATION if alloc_file.is_dir() else alloc_file
+    data = read_json(alloc_file, expect=dict)
+    try:
+        alloc = PrunePlan.from_dict(data)
+        if len(alloc.keep_ratios) != len(alloc.blocks):
+            raise ValueError("keep_ratios and blocks differ in length")
+    except (KeyError, TypeError, ValueError) as err:
+        raise CfspError(f"{alloc_file} is not an allocation ({_what(err)})") from err
+    return alloc
+
+
 def prune_stage(
     model_spec: str,
     stats_path: Path,
@@ -192,35 +208,22 @@ def prune_stage(
 ) -> dict:
     """Slice the dense model to the allocation, with no compensation."""
     cfg = cfg.model_copy(update={"reconstruct": "none"})
-    alloc_file = Path(allocation_path)
-    alloc_file = alloc_file / ALLOCATION if alloc_file.is_dir() else alloc_file
-    data = read_json(alloc_file, expect=dict)
-    try:
-        alloc = PrunePlan.from_dict(data)
-        if len(alloc.keep_ratios) != len(alloc.blocks):
-            raise ValueError("keep_ratios and blocks differ in length")
-    except (KeyError, TypeError, ValueError) as err:
-        raise CfspError(f"{alloc_file} is not an allocation ({_what(err)})") from err
+    alloc = _load_allocation(allocation_path)
     return _slice(model_spec, stats_path, alloc, cfg, out, dtype, None)
 
 
 def reconstruct_stage(
     model_spec: str,
-    pruned_dir: Path,
+    allocation_path: Path,
     stats_path: Path,
     cfg: PruneConfig,
     out: Path,
     tokens: Path | None = None,
     dtype: str = "float32",
 ) -> dict:
-    """Slice again with the pruned inputs folded into the kept ones (cfg.reconstruct)."""
-    try:
-        pruned = read_manifest(pruned_dir)["prune"]
-        alloc = PrunePlan.from_dict(
-            {"keep_ratios": pruned["keep_ratios"], "blocks": pruned["kept"]}
-        )
-    except (KeyError, TypeError, ValueError) as err:
-        raise CfspError(f"{pruned_dir}: its manifest records no pruning ({_what(err)})") from err
+    """Slice the dense model to the allocation artifact's kept indices, folding the pruned
+    inputs into the kept ones (cfg.reconstruct)."""
+    alloc = _load_allocation(allocation_path)
     return _slice(
         model_spec,
         stats_path,
@@ -314,30 +317,3 @@ def evaluate_stage(
         write_json(tmp / METRICS, metrics)
         write_json(tmp / "evaluate.json", {"config": cfg.model_dump(), "reference": reference})
     return metrics
-
-
-def compact_metrics(metrics: dict) -> dict:
-    """The flat summary of a metrics.json that trackers and dashboards show."""
-    out = {
-        "params": metrics["params"],
-        "seqlen": metrics["seqlen"],
-        "ppl": {s: round(r["ppl"], 4) for s, r in metrics["perplexity"].items()},
-    }
-    if metrics.get("zeroshot"):
-        zero = metrics["zeroshot"]
-        out["acc"] = {t: r["acc"] for t, r in zero["tasks"].items()}
-        out["acc"]["average"] = zero["average_acc"]
-    speed = metrics.get("speed") or {}
-    for dtype, row in speed.get("dtypes", {}).items():
-        if "pruned" in row:
-            out.setdefault("speed", {})[dtype] = {
-                "prefill_tok_s": row["pruned"]["prefill_tok_s"],
-                "decode_ms_per_token": row["pruned"]["decode_ms_per_token"],
-                "peak_memory_mib": row["pruned"]["peak_memory_mib"],
-                "macs_per_token": row["pruned"]["macs_per_token"],
-                "prefill_speedup": row["prefill_speedup"],
-                "decode_speedup": row["decode_speedup"],
-                "ideal_speedup": row["ideal_speedup"],
-                "memory_ratio": row["memory_ratio"],
-            }
-    return out

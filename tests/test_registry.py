@@ -1,0 +1,76 @@
+"""The stage registry is the one declaration of the pipeline: dvc.yaml, the `cfsp stage`
+commands and the cache keys agree with it."""
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cfsp.config import Params
+from cfsp.pipeline.registry import STAGES, cache_key, content_hash, enabled, sections
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def _outs(stage: dict) -> list[str]:
+    return [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+
+
+def test_dvc_declares_the_registered_stages():
+    assert list(DVC) == list(STAGES)
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_dvc_stage_agrees_with_the_registry(name):
+    stage, dvc = STAGES[name], DVC[name]
+    producer = {out: other for other, d in DVC.items() for out in _outs(d)}
+    deps = [d for d in dvc["deps"] if not d.startswith("${output}")]
+    upstream = [producer[d] for d in dvc["deps"] if d.startswith("${output}")]
+    assert sorted(deps) == sorted(stage.code)
+    assert sorted(upstream) == sorted(stage.inputs)
+    assert sorted(dvc["params"]) == sorted(stage.params)
+    assert len(_outs(dvc)) == 1
+    assert ("method" in dvc["matrix"]) == stage.per_method
+    assert dvc["cmd"].startswith(f"cfsp stage {stage.command} ")
+    assert all((ROOT / path).exists() for path in stage.code)
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_every_stage_has_a_cli_command(name):
+    from cfsp.cli import stage_app
+
+    commands = {c.name for c in stage_app.registered_commands}
+    assert STAGES[name].command in commands
+
+
+def test_cache_keys_follow_the_declared_sections():
+    base = Params()
+    other_eval = base.model_copy(update={"evaluate": base.evaluate.model_copy(update={"limit": 3})})
+    run = {"method": "cfsp", "budget": 0.3}
+    for name in STAGES:
+        same = cache_key(name, ["k"], base, run) == cache_key(name, ["k"], other_eval, run)
+        assert same == ("evaluate" not in STAGES[name].params), name
+    assert cache_key("allocate", ["k"], base, run) != cache_key("allocate", ["k"], base, {})
+    assert cache_key("capture", ["k"], base, run) == cache_key("capture", ["k"], base, {})
+    assert set(sections("recover", base)) == {
+        "recover", "allocate.temperature", "allocate.control", "dtype"
+    }  # fmt: skip
+    assert not enabled("recover", base) and enabled("prune", base)
+
+
+def test_checkpoint_hash_covers_every_shard(tmp_path):
+    from cfsp.export import MANIFEST, file_hashes
+    from cfsp.io import write_json
+
+    for shard in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (tmp_path / shard).write_bytes(b"weights " + shard.encode())
+
+    def record() -> str:
+        write_json(tmp_path / MANIFEST, {"files_sha256": file_hashes(tmp_path)})
+        return content_hash("reconstruct", tmp_path)
+
+    first = record()
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"other weights")
+    assert re.fullmatch(r"[0-9a-f]{20}", first) and record() != first
