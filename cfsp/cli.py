@@ -271,6 +271,17 @@ def prune_cmd(
             "a list such as compact,padded: the first goes to --out, others to OUT-KIND."
         ),
     ] = "compact",
+    stream: Annotated[
+        bool,
+        typer.Option(
+            help="Block-streamed engine: weights read and written block by block, memory bounded "
+            "by one block (opt-in; a safetensors directory or alias; compact export only)."
+        ),
+    ] = False,
+    device: Annotated[
+        str | None,
+        typer.Option(help="With --stream: auto (the GPU when there is one), cpu, cuda or cuda:N."),
+    ] = None,
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.config import CalibConfig, PruneConfig, validate
@@ -278,6 +289,8 @@ def prune_cmd(
     from cfsp.pruning import prune_to_checkpoint
 
     parse_shard_size(max_shard_size)  # a bad size fails now, not after the pruning
+    if device is not None and not stream:
+        raise UsageError("--device applies to --stream only (the in-memory engine runs on the CPU)")
 
     prune_values = {
         "budget": budget,
@@ -301,17 +314,17 @@ def prune_cmd(
         {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
         "calibration options",
     )
-    manifest = prune_to_checkpoint(
-        model,
-        calib_cfg,
-        prune_cfg,
-        out,
-        dtype,
-        trust_remote_code,
-        overwrite=overwrite,
-        max_shard_size=max_shard_size,
-        export=export,
-    )
+    options = {"overwrite": overwrite, "max_shard_size": max_shard_size, "export": export}
+    if stream:
+        from cfsp.pruning_streamed import prune_streamed_to_checkpoint
+
+        manifest = prune_streamed_to_checkpoint(
+            model, calib_cfg, prune_cfg, out, dtype, device, trust_remote_code, **options
+        )
+    else:
+        manifest = prune_to_checkpoint(
+            model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, **options
+        )
     report = manifest["prune"]
     typer.echo(
         f"{out}: removed {100 * report['achieved_fraction']:.2f}% of block parameters "

@@ -199,9 +199,6 @@ def save_checkpoint(
     """Write the `kind` export into `out` (a fresh temporary directory from `atomic_dir`);
     weights larger than `max_shard_size` are split into `model-0000k-of-0000n.safetensors`
     shards plus an index."""
-    from cfsp.faults import signal_point
-    from cfsp.model_card import write_model_card
-
     model = export_model(model, manifest, kind)
     config = model.config
     custom = needs_custom_code(config)
@@ -211,6 +208,29 @@ def save_checkpoint(
         _save_files(model, tokenizer, out, max_shard_size)
     if custom:
         _mark_custom(out / "config.json")
+    finish_checkpoint(out, manifest, kind, custom)
+
+
+def write_config(model, out: Path) -> bool:
+    """config.json alone, as `save_checkpoint` writes it (for a writer of its own weights, the
+    block-streamed engine): with modeling_cfsp.py, the auto_map and a `cfsp_` model_type where
+    stock code cannot build the model. Returns whether it needs that shipped code."""
+    custom = needs_custom_code(model.config)
+    if custom:
+        shutil.copy(MODELING_FILE, out / "modeling_cfsp.py")
+    with _auto_map(model.config, type(model).__name__ if custom else None):
+        model.config.save_pretrained(out)
+    if custom:
+        _mark_custom(out / "config.json")
+    return custom
+
+
+def finish_checkpoint(out: Path, manifest: dict, kind: str, custom: bool) -> None:
+    """After the weights, config and tokenizer: the source's terms, the model card, readable
+    file modes, then the manifest with every file's sha256."""
+    from cfsp.faults import signal_point
+    from cfsp.model_card import write_model_card
+
     copy_terms(manifest.get("source_path"), out)
     manifest = dict(manifest, export=kind)
     write_model_card(out, manifest, custom)

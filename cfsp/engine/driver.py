@@ -83,8 +83,18 @@ def plan_pruning(model_or_target, stats: Statistics, cfg: PruneConfig) -> PruneP
         )
         for i, block in enumerate(target.layers)
     ]
+    return plan_from_scores(geo, stats.angular(), scores, cfg)
+
+
+def plan_from_scores(
+    geo: Geometry, angular: torch.Tensor, scores: list[tuple], cfg: PruneConfig
+) -> PrunePlan:
+    """Coarse counts and kept indices from every block's (head, channel) fine scores and the
+    angular distances: `plan_pruning` after its scoring step, for callers that scored each block
+    while its weights were at hand (the block-streamed engine)."""
+    check_budget(cfg.budget)
     allocation = ALLOCATIONS[cfg.allocation]
-    counts = allocation(geo, stats.angular(), [s[0] for s in scores], [s[1] for s in scores], cfg)
+    counts = allocation(geo, angular, [s[0] for s in scores], [s[1] for s in scores], cfg)
     _check_counts(geo, counts, cfg.budget, cfg.round_to)
     plans = [select(h, c, n, geo.num_kv_heads) for (h, c), n in zip(scores, counts, strict=True)]
     ratios = [n.params(geo) / geo.block_params() for n in counts]
@@ -228,9 +238,16 @@ def prune_model(
     update_config(target.model.config, [p.widths() for p in plan.blocks], before.head_dim)
     if stock_bias is not None:
         settle_biases(target, stock_bias)
-    params_before = before.block_params() * before.num_blocks
-    params_after = sum(p.params(before) for p in plan.blocks)
-    t_end = time.perf_counter()
+    timings = {"plan": t_plan - t0, "prune_reconstruct": time.perf_counter() - t_plan}
+    return prune_report(before, plan, cfg, errors, timings)
+
+
+def prune_report(
+    dense: Geometry, plan: PrunePlan, cfg: PruneConfig, errors: list[dict], timings: dict
+) -> PruneReport:
+    """What a prune did: block parameters before and after `plan`, per-block errors, timings."""
+    params_before = dense.block_params() * dense.num_blocks
+    params_after = sum(p.params(dense) for p in plan.blocks)
     return PruneReport(
         config=cfg.model_dump(),
         keep_ratios=plan.keep_ratios,
@@ -239,7 +256,7 @@ def prune_model(
         block_params_after=params_after,
         achieved_fraction=1.0 - params_after / params_before,
         errors=errors,
-        timings={"plan": round(t_plan - t0, 3), "prune_reconstruct": round(t_end - t_plan, 3)},
+        timings={k: round(v, 3) for k, v in timings.items()},
     )
 
 

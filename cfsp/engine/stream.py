@@ -104,13 +104,16 @@ def run_block(
     kwargs_list: list[dict],
     gram_dtype: torch.dtype = torch.float32,
     advance: bool = True,
+    empty=ChannelStats.empty,
 ) -> BlockStats:
     """Run one block over every batch, collecting its statistics.
 
     With `advance`, each batch's output replaces its input in `hiddens` (the next block's input).
+    `empty(n)` makes the statistics of n input channels (the streamed engine's first pass keeps
+    O(n) moments instead of the Gram matrix).
     """
-    o_stats = ChannelStats.empty(parts.o.in_features)
-    down_stats = ChannelStats.empty(parts.down.in_features)
+    o_stats = empty(parts.o.in_features)
+    down_stats = empty(parts.down.in_features)
     hooks = [
         parts.o.register_forward_pre_hook(_accumulate(o_stats, gram_dtype)),
         parts.down.register_forward_pre_hook(_accumulate(down_stats, gram_dtype)),

@@ -1,0 +1,328 @@
+"""Block-streamed pruning: memory bounded by one block, weights read block by block.
+
+The in-memory engine (cfsp.engine.capture + driver) holds the whole model and every block's
+float64 Gram matrices at once. This engine holds the model's skeleton on the meta device, one
+block's weights (on --device), one block's calibration activations [N, L, d], and at most one
+block's width^2 statistics. It reuses the same criteria, allocation, selection and LIAR
+reconstruction functions, so it keeps the same channels and writes the same weights.
+
+Passes (cost in F = one dense forward over the calibration tokens, LM head excluded):
+  pass 1  stream the dense blocks once: angular distance per block, and for o_proj / down_proj
+          inputs the O(width) moments (count, sum, sum of squares) that every fine criterion
+          reads; the block's fine scores are computed while its weights are loaded. Then the
+          block is released.                                            cost ~1 F (+ O(T w))
+  plan    coarse allocation (angular distances or FLAP's global threshold) and kept indices,
+          from O(width) scores per block (driver.plan_from_scores, as plan_pruning).  ~0
+  pass 2  per block: reload it, recompute its inputs (the stream carries dense inputs, or the
+          pruned model's with stats=sequential), accumulate its Gram matrices (o: (H hd)^2,
+          down: m^2; freed after the block), fold (LIAR / bias) and slice with the existing
+          functions, write the block's shard, release it.  cost ~1 F + Gram (T w^2) + solves (w^3)
+So: 2 F plus one Gram per module and the solves, against the in-memory path's 1 F + Gram +
+solves (2 F with stats=sequential, which also computes its Grams twice). Nothing of size
+width^2 outlives a block; what crosses blocks is O(width) (scores, kept indices, biases flags).
+
+Output (cfsp.engine.streamed_layout): one safetensors shard per block and one per module outside the
+blocks (embeddings, final norm, LM head), the index, config, generation config, tokenizer and
+manifest. The pruned layout (compensation biases as driver.settle_biases leaves them)
+is decided before the first block is written.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cfsp.config import PruneConfig
+from cfsp.engine.capture import peak_rss_mib
+from cfsp.engine.driver import (
+    PruneReport,
+    _zero_bias,
+    plan_from_scores,
+    prune_block,
+    prune_report,
+)
+from cfsp.engine.importance import fine_scores
+from cfsp.engine.plan import BlockPlan
+from cfsp.engine.stream import block_forward, first_block_inputs, run_block
+from cfsp.engine.streamed_layout import (
+    ROLES,
+    check_shard_limit,
+    conform,
+    final_layout,
+    nonzero_biases,
+    outside_groups,
+    predicted_biases,
+    rewrite_blocks,
+    write_outside,
+)
+from cfsp.engine.streamed_stats import Meter, block_moments
+from cfsp.engine.streamed_weights import (
+    CheckpointReader,
+    ShardWriter,
+    buffers_to,
+    empty_model,
+    load_into,
+    module_names,
+    release,
+)
+from cfsp.engine.target import Target
+from cfsp.errors import CfspError
+from cfsp.export import write_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Stream:
+    """What both passes share: the skeleton, where its tensors are, and how to run it."""
+
+    target: Target  # the skeleton (parameters on meta), its adapter and blocks
+    reader: CheckpointReader
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    meter: Meter
+    tensors: dict[str, tuple[int, ...]]  # what the checkpoint holds (expected_tensors)
+    rows: list[dict] = field(default_factory=list)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.target.model
+
+    @property
+    def adapter(self):
+        return self.target.adapter
+
+    def layers(self) -> list[torch.nn.Module]:
+        return self.target.layers
+
+    def prefix(self, module) -> str:
+        return module_names(self.model)[id(module)] + "."
+
+    def load(self, module) -> None:
+        load_into(module, self.prefix(module), self.reader, self.device, self.dtype)
+
+
+def open_stream(directory: Path, config, dtype, device, batch_size: int) -> Stream:
+    """The skeleton of the model in `directory`, checked against its checkpoint's tensors."""
+    model = empty_model(config, dtype)
+    buffers_to(model, device)
+    reader = CheckpointReader(directory)
+    check_tensors(model, reader, directory)
+    tensors = expected_tensors(model)
+    return Stream(Target.of(model), reader, device, dtype, batch_size, Meter(device), tensors)
+
+
+def expected_tensors(model) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a checkpoint of `model` holds (a tied LM head is stored once)."""
+    unique = dict(model.named_parameters())
+    every = dict(model.named_parameters(remove_duplicate=False))
+    return {
+        k: tuple(v.shape) for k, v in model.state_dict().items() if k not in every or k in unique
+    }
+
+
+def check_tensors(model, reader: CheckpointReader, directory: Path) -> None:
+    """Refuse a checkpoint whose tensor names or shapes are not the config's model's."""
+    want, have = expected_tensors(model), reader.shapes()
+    every = dict(model.named_parameters(remove_duplicate=False))
+    missing = sorted(set(want) - set(have))
+    unexpected = sorted(k for k in set(have) - set(want) if k not in every)
+    wrong = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+    problems = [
+        f"{label} {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("wrong shape", wrong),
+        )
+        if keys
+    ]
+    if problems:
+        raise CfspError(
+            f"weights in {directory} do not match its config.json ({'; '.join(problems)})"
+        )
+
+
+def first_inputs(stream: Stream, ids: torch.Tensor):
+    """What enters block 0 (and the blocks' keyword arguments), from the model's own code.
+
+    Only the embedding is loaded; blocks the forward passes before the last one whose inputs
+    are caught (models with several layer types) are stood in for by identities: their outputs
+    are never used, only the masks / rotary tables handed to later blocks are.
+    """
+    embed = stream.adapter.embed(stream.model)
+    stream.load(embed)
+    layers = list(stream.layers())
+    try:
+        for block in layers:
+            block.forward = _passthrough
+        return first_block_inputs(stream.target, ids, stream.batch_size)
+    finally:
+        for block in layers:
+            del block.forward
+        release(embed)
+        stream.model.tie_weights()  # loading the embedding replaced the tied parameter
+
+
+def _passthrough(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+@torch.no_grad()
+def pass_one(stream: Stream, ids: torch.Tensor, cfg: PruneConfig):
+    """Angular distance and fine scores per block; O(width) kept per block."""
+    hiddens, kwargs_list = first_inputs(stream, ids)
+    head_dim = stream.target.geometry.head_dim
+    angular, scores = [], []
+    for index, block in enumerate(stream.layers()):
+        t0 = time.perf_counter()
+        stream.load(block)
+        parts = stream.adapter.parts(block)
+        stats = block_moments(block, parts, hiddens, kwargs_list, stream.device)
+        heads, channels = fine_scores(
+            cfg.criterion, parts, stats, head_dim, cfg.exponent, cfg.seed, index
+        )
+        release(block)
+        angular.append(stats.angular)
+        scores.append((heads.cpu(), channels.cpu()))
+        row = {"block": index, "pass": 1, **stream.meter.snapshot(t0)}
+        stream.rows.append(row)
+        log.info(
+            "stream pass 1 block %2d: angular %.4f  %s", index, stats.angular, Meter.describe(row)
+        )
+    return angular, scores
+
+
+def prune_one(stream: Stream, block, plan: BlockPlan, cfg: PruneConfig, hiddens, kwargs_list):
+    """Statistics, fold and slice of one loaded block (driver.prune_model's loop body); the
+    stream moves on to the next block's inputs (dense, or pruned with stats=sequential)."""
+    adapter = stream.adapter
+    head_dim = stream.target.geometry.head_dim
+    sequential = cfg.stats == "sequential" and cfg.reconstruct != "none"
+    if not sequential:  # dense inputs: the dense block's outputs are the next block's inputs
+        stats = run_block(block, adapter.parts(block), hiddens, kwargs_list)
+    if cfg.reconstruct != "none":
+        parts = adapter.parts(block)
+        _zero_bias(parts.o)
+        _zero_bias(parts.down)
+    if sequential:
+        stats = run_block(block, adapter.parts(block), hiddens, kwargs_list, advance=False)
+    row = prune_block(adapter, block, plan, stats, cfg, head_dim)
+    del stats  # this block's Gram matrices
+    if sequential:
+        for j, h in enumerate(hiddens):
+            hiddens[j] = block_forward(block, h, kwargs_list[j])
+    return row
+
+
+@torch.no_grad()
+def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first: int):
+    """Per block: load, statistics, prune + reconstruct, write its shard, release."""
+    adapter, config = stream.adapter, stream.model.config
+    stock = {role: adapter.has_bias(config, role) for role in ROLES}
+    hiddens, kwargs_list = first_inputs(stream, ids)
+    errors, nonzero = [], {role: False for role in ROLES}
+    for index, (block, plan) in enumerate(zip(stream.layers(), plans, strict=True)):
+        t0 = time.perf_counter()
+        prefix = stream.prefix(block)
+        stream.load(block)
+        with torch.device(stream.device):  # factories inside cfsp's functions: on the device
+            row = {"block": index, **prune_one(stream, block, plan, cfg, hiddens, kwargs_list)}
+        for role, value in nonzero_biases(adapter, block, stock, cfg).items():
+            nonzero[role] |= value
+        writer.write(first + index, conform(block.state_dict(), layout[index], prefix))
+        release(block)
+        errors.append(row)
+        meter = {"block": index, "pass": 2, **stream.meter.snapshot(t0)}
+        stream.rows.append(meter)
+        w = plan.widths()
+        log.info(
+            "stream pass 2 block %2d: heads %d kv %d ffn %d  rel.err o %.4f->%.4f down "
+            "%.4f->%.4f  %s",
+            index, w.num_heads, w.num_kv_heads, w.intermediate, row["o_before"],
+            row["o_after"], row["down_before"], row["down_after"], Meter.describe(meter),
+        )  # fmt: skip
+    return errors, nonzero
+
+
+@dataclass
+class StreamOutcome:
+    """What a streamed prune did: the report (as prune_model's), the pruned model's skeleton
+    (meta; its config is the one written), whether it needs shipped code, and the per-block
+    time and memory rows."""
+
+    report: PruneReport
+    shadow: torch.nn.Module
+    custom_code: bool  # the checkpoint ships modeling_cfsp.py (cfsp.export.write_config)
+    stream: dict
+
+
+def prune_streamed(
+    directory: str | Path,
+    windows,
+    cfg: PruneConfig,
+    out: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    config=None,
+    shard_limit: int | None = None,
+) -> StreamOutcome:
+    """Prune the checkpoint in `directory` block by block; write shards, index and config into
+    the existing folder `out`. Memory: one block's weights, activations and statistics.
+
+    `config`: the checkpoint's (read from `directory` when None). `shard_limit`: bytes no
+    shard may exceed (one shard per block / outside module), checked before any pass."""
+    from transformers import AutoConfig
+
+    directory, out, device = Path(directory), Path(out), torch.device(device)
+    config = config if config is not None else AutoConfig.from_pretrained(directory)
+    stream = open_stream(directory, config, dtype, device, batch_size)
+    groups = outside_groups(stream)
+    if shard_limit is not None:
+        check_shard_limit(stream, groups, shard_limit)
+    ids, geo = windows.ids, stream.target.geometry  # dense widths
+    t0 = time.perf_counter()
+    angular, scores = pass_one(stream, ids, cfg)
+    t1 = time.perf_counter()
+    allocation = plan_from_scores(geo, torch.tensor(angular, dtype=torch.float64), scores, cfg)
+    dense = copy.deepcopy(stream.model)  # meta: pass 2 slices the skeleton's blocks
+    predicted = predicted_biases(dense, allocation.blocks, cfg)
+    layout, shadow = final_layout(dense, allocation.blocks, cfg, predicted)
+    t2 = time.perf_counter()
+    writer = ShardWriter(out, len(groups) + len(layout))
+    write_outside(stream, groups, writer)
+    errors, nonzero = pass_two(stream, ids, cfg, allocation.blocks, layout, writer, len(groups))
+    if nonzero != predicted:
+        log.info(
+            "compensation biases %s, not %s as predicted: rewriting shards", nonzero, predicted
+        )
+        layout, shadow = final_layout(dense, allocation.blocks, cfg, nonzero)
+        rewrite_blocks(stream, out, writer, layout, len(groups))
+    writer.finish()
+    custom = write_config(shadow, out)
+    t3 = time.perf_counter()
+    timings = {"pass1": t1 - t0, "plan": t2 - t1, "pass2_and_write": t3 - t2}
+    report = prune_report(geo, allocation, cfg, errors, timings)
+    return StreamOutcome(report, shadow, custom, _summary(stream, timings))
+
+
+def _summary(stream: Stream, timings: dict) -> dict:
+    """Per-block time and peak memory rows, and the totals, for the manifest."""
+    summary = {
+        "device": str(stream.device),
+        "passes": "pass 1: angular + O(width) moments; plan; pass 2: Gram, fold, write",
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "peak_rss_mib": round(peak_rss_mib(), 1),
+        "blocks": stream.rows,
+    }
+    device = stream.meter.peak_device_mib()
+    if device is not None:
+        summary["peak_device_mib"] = device
+    return summary
