@@ -215,6 +215,15 @@ def test_cli_stream_writes_a_verified_checkpoint(tiny_project):
     assert verify_checkpoint(tiny_project / "s") == []
     streamed = json.loads((tiny_project / "s" / "cfsp_manifest.json").read_text())
     memory = json.loads((tiny_project / "m" / "cfsp_manifest.json").read_text())
+    # finished as save_checkpoint finishes: model card, readable modes, the same other files
+    assert (tiny_project / "s" / "README.md").read_text().startswith("---")
+    assert {p.stat().st_mode & 0o777 for p in (tiny_project / "s").iterdir()} == {0o644}
+    files = {p.name for p in (tiny_project / "s").iterdir() if p.suffix != ".safetensors"}
+    files_m = {p.name for p in (tiny_project / "m").iterdir() if p.suffix != ".safetensors"}
+    assert files - {"model.safetensors.index.json"} == files_m
+    assert streamed["export"] == "compact" and streamed["exports"] == {
+        "compact": str(tiny_project / "s")
+    }
     assert streamed["prune"]["kept"] == memory["prune"]["kept"]
     assert streamed["params_before"] == memory["params_before"]
     assert streamed["params_after"] == memory["params_after"]
@@ -237,7 +246,25 @@ def test_cli_stream_usage_errors(tiny_project):
     code, _, err = _cfsp("prune", "--model", "org/name", "--stream", cwd=tiny_project)
     assert code == 2 and "--stream reads a directory of safetensors" in err
     assert err.count("error:") == 1 and "Traceback" not in err
+    code, _, err = _cfsp(
+        "prune", "--model", "tiny", "--stream", "--export", "compact,padded", cwd=tiny_project
+    )
+    assert code == 2 and "--stream writes the compact export only, not compact,padded" in err
+    assert err.count("error:") == 1 and "Traceback" not in err
     assert not (tiny_project / "out").exists()
+
+
+def test_cli_stream_shard_limit(tiny_project):
+    """One shard per block / outside module: a --max-shard-size below one of them is refused
+    before any pass, nothing written."""
+    args = ("prune", "--model", "tiny", "--calib", "file:text.txt", "--nsamples", "4")
+    args += ("--seqlen", "16", "--stream", "--max-shard-size", "10KB", "--out", "s")
+    code, _, err = _cfsp(*args, cwd=tiny_project)
+    assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
+    assert "--stream writes one shard per block" in err
+    assert "over the max shard size of 10,000" in err
+    assert not (tiny_project / "s").exists()
+    assert not [p for p in tiny_project.iterdir() if p.name.startswith(".s.")]
 
 
 @pytest.mark.slow
