@@ -11,6 +11,8 @@
   plan.py         the plan types (Geometry, BlockCounts, BlockPlan, PrunePlan)
   driver.py       plan_pruning and prune_model: the steps above, block by block
   registry.py     criteria, allocations and reconstructions by name (what configs may name)
+  streamed*.py    the block-streamed engine (`cfsp prune --stream`): weights read, pruned and
+                  written one block at a time from a safetensors folder, the steps above reused
 
 Importing this package imports nothing heavy; each module imports torch itself.
 """

@@ -21,10 +21,12 @@ So: 2 F plus one Gram per module and the solves, against the in-memory path's 1 
 solves (2 F with stats=sequential, which also computes its Grams twice). Nothing of size
 width^2 outlives a block; what crosses blocks is O(width) (scores, kept indices, biases flags).
 
-Output (cfsp.engine.streamed_layout): one safetensors shard per block and one per module outside the
-blocks (embeddings, final norm, LM head), the index, config, generation config, tokenizer and
-manifest. The pruned layout (compensation biases as driver.settle_biases leaves them)
-is decided before the first block is written.
+Output (cfsp.engine.streamed_layout): one safetensors shard per block and one per module
+outside the blocks (embeddings, final norm, LM head), the index and the config; the entry point
+(cfsp.pruning_streamed) adds generation config, tokenizer, model card and manifest. The pruned
+layout (compensation biases as driver.settle_biases leaves them) is decided before the first
+block is written. (cfsp.engine.stream is the activation walk both engines use; this module
+streams the weights.)
 """
 
 from __future__ import annotations
