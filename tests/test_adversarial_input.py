@@ -464,7 +464,10 @@ def test_model_files_that_are_not_regular(proj, tmp_path, capsys, name, what):
 
 @pytest.mark.parametrize(
     "text,code,match",
-    [("{not json", 1, "cannot read the config"), ("[1, 2]", 1, "cannot read the config")],
+    [
+        ("{not json", 1, "config.json is not valid JSON"),
+        ("[1, 2]", 1, "config.json holds a JSON array, expected a JSON object"),
+    ],
     ids=["config-not-json", "config-a-list"],
 )
 def test_config_json_that_is_not_a_config(proj, tmp_path, capsys, text, code, match):
