@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -155,3 +157,20 @@ def tiny_suite_argv(tmp_path, tokenizer, budgets: list[str], methods: list[str])
         *("--md", str(tmp_path / "BENCHMARKS.md"), "--plot", str(tmp_path / "ppl.png")),
         *("--budgets", *budgets, "--methods", *methods),
     ]
+
+
+def run_cli(*args, cwd=None) -> tuple[int, str, str]:
+    """`python -m cfsp.cli ARGS` of this checkout in a subprocess (PYTHONPATH made absolute, so
+    the command may run in another folder): exit code, stdout, stderr."""
+    root = str(Path(__file__).resolve().parents[1])
+    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", PYTHONPATH=path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "cfsp.cli", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout, proc.stderr

@@ -1,25 +1,11 @@
 """The command line as a user meets it: one clear line and a non-zero exit on bad input."""
 
 import os
-import subprocess
-import sys
 
 import pytest
 
+from tests.conftest import run_cli as cfsp
 from tests.conftest import tiny_model
-
-
-def cfsp(*args, cwd=None):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200")
-    proc = subprocess.run(
-        [sys.executable, "-m", "cfsp.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
 
 
 def _error_line(stderr: str) -> str:

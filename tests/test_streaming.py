@@ -5,10 +5,6 @@ streamed from its directory, and compares kept indices, every weight, the config
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +17,7 @@ from cfsp.engine.streamed import prune_streamed
 from cfsp.engine.streamed_weights import CheckpointReader, load_into, release, resolve_device
 from cfsp.errors import CfspError, UsageError
 from cfsp.export import load_pruned, save_checkpoint, verify_checkpoint
-from tests.conftest import random_windows, tiny_model
+from tests.conftest import random_windows, run_cli, tiny_model
 
 FAMILIES = ["llama-gqa", "gemma3-kv1", "phi3-gqa", "qwen3-gqa"]  # LLaMA with GQA, 1 KV head,
 # two layer types, fused projections, stock attention biases
@@ -189,28 +185,12 @@ def test_device_names():
             resolve_device("cuda:0")
 
 
-def _cfsp(*args, cwd):
-    """The CLI of this checkout (PYTHONPATH made absolute: the command runs elsewhere)."""
-    root = str(Path(__file__).resolve().parents[1])
-    path = os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])
-    env = dict(os.environ, HF_HUB_OFFLINE="1", COLUMNS="200", PYTHONPATH=path)
-    proc = subprocess.run(
-        [sys.executable, "-m", "cfsp.cli", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=cwd,
-        timeout=300,
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
 def test_cli_stream_writes_a_verified_checkpoint(tiny_project):
     common = ("prune", "--model", "tiny", "--calib", "file:text.txt", "--nsamples", "8")
     common += ("--seqlen", "16", "--budget", "0.4")
-    code, _, err = _cfsp(*common, "--stream", "--device", "cpu", "--out", "s", cwd=tiny_project)
+    code, _, err = run_cli(*common, "--stream", "--device", "cpu", "--out", "s", cwd=tiny_project)
     assert code == 0, err
-    code, _, err = _cfsp(*common, "--out", "m", cwd=tiny_project)
+    code, _, err = run_cli(*common, "--out", "m", cwd=tiny_project)
     assert code == 0, err
     assert verify_checkpoint(tiny_project / "s") == []
     streamed = json.loads((tiny_project / "s" / "cfsp_manifest.json").read_text())
@@ -237,16 +217,16 @@ def test_cli_stream_writes_a_verified_checkpoint(tiny_project):
 
 
 def test_cli_stream_usage_errors(tiny_project):
-    code, _, err = _cfsp("prune", "--model", "tiny", "--device", "cpu", cwd=tiny_project)
+    code, _, err = run_cli("prune", "--model", "tiny", "--device", "cpu", cwd=tiny_project)
     assert code == 2 and "--device applies to --stream" in err and "Traceback" not in err
-    code, _, err = _cfsp(
+    code, _, err = run_cli(
         "prune", "--model", "tiny", "--stream", "--device", "gpu", cwd=tiny_project
     )
     assert code == 2 and "unknown --device" in err and "Traceback" not in err
-    code, _, err = _cfsp("prune", "--model", "org/name", "--stream", cwd=tiny_project)
+    code, _, err = run_cli("prune", "--model", "org/name", "--stream", cwd=tiny_project)
     assert code == 2 and "--stream reads a directory of safetensors" in err
     assert err.count("error:") == 1 and "Traceback" not in err
-    code, _, err = _cfsp(
+    code, _, err = run_cli(
         "prune", "--model", "tiny", "--stream", "--export", "compact,padded", cwd=tiny_project
     )
     assert code == 2 and "--stream writes the compact export only, not compact,padded" in err
@@ -259,7 +239,7 @@ def test_cli_stream_shard_limit(tiny_project):
     before any pass, nothing written."""
     args = ("prune", "--model", "tiny", "--calib", "file:text.txt", "--nsamples", "4")
     args += ("--seqlen", "16", "--stream", "--max-shard-size", "10KB", "--out", "s")
-    code, _, err = _cfsp(*args, cwd=tiny_project)
+    code, _, err = run_cli(*args, cwd=tiny_project)
     assert code == 2 and err.count("error:") == 1 and "Traceback" not in err
     assert "--stream writes one shard per block" in err
     assert "over the max shard size of 10,000" in err

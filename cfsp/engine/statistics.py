@@ -22,6 +22,17 @@ from cfsp.errors import CfspError
 from cfsp.io import atomic_file
 
 
+def finite_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[..., n] activations as [T, n] in `dtype`; a NaN/inf stops the calibration at once."""
+    x = x.reshape(-1, x.shape[-1]).to(dtype)
+    if not torch.isfinite(x).all():
+        raise CfspError(
+            "non-finite activations during calibration (NaN/inf): the model or "
+            "its dtype overflows on this text; try --dtype float32"
+        )
+    return x
+
+
 @dataclass
 class ChannelStats:
     """Running moments of one module's input channels: count T, sum [n], Gram X^T X [n, n]."""
@@ -35,12 +46,7 @@ class ChannelStats:
         return cls(0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
 
     def add(self, x: torch.Tensor, gram_dtype: torch.dtype = torch.float32) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(gram_dtype)  # [T, n]
-        if not torch.isfinite(x).all():
-            raise CfspError(
-                "non-finite activations during calibration (NaN/inf): the model or "
-                "its dtype overflows on this text; try --dtype float32"
-            )
+        x = finite_rows(x, gram_dtype)  # [T, n]
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         self.gram += (x.T @ x).to(torch.float64)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from cfsp.engine.capture import peak_rss_mib
-from cfsp.engine.statistics import BlockStats, ChannelStats
+from cfsp.engine.statistics import BlockStats, ChannelStats, finite_rows
 from cfsp.engine.stream import run_block
-from cfsp.errors import CfspError, UsageError
+from cfsp.errors import UsageError
 
 
 @dataclass
@@ -38,12 +38,7 @@ class ChannelMoments(ChannelStats):
         return cls(0, z, None, z.clone())
 
     def add(self, x: torch.Tensor, gram_dtype: torch.dtype = torch.float32) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(gram_dtype)
-        if not torch.isfinite(x).all():
-            raise CfspError(
-                "non-finite activations during calibration (NaN/inf): the model or "
-                "its dtype overflows on this text; try --dtype float32"
-            )
+        x = finite_rows(x, gram_dtype)
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         self.sq += x.double().square().sum(0)
