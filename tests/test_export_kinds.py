@@ -170,14 +170,14 @@ def test_cli_prune_writes_each_export(tmp_path, tiny_tokenizer, capsys):
 
 
 @pytest.mark.slow
-def test_real_padded_export_evaluates_with_stock_lm_eval(tmp_path):
+def test_real_padded_export_evaluates_with_stock_lm_eval(tmp_path, monkeypatch):
     """SmolLM2-135M at p=0.3: the padded export, loaded by lm-eval's own `hf` model from its
     path with no trust_remote_code, scores a local task exactly as the compact one does."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     from cfsp.config import CalibConfig
-    from cfsp.evaluation.zeroshot import _offline, export_tasks, zeroshot
+    from cfsp.evaluation.zeroshot import export_tasks, zeroshot
     from cfsp.models import load_model
     from cfsp.pruning import prune_to_checkpoint as compress
 
@@ -194,17 +194,18 @@ def test_real_padded_export_evaluates_with_stock_lm_eval(tmp_path):
         export="compact,padded",
     )
     padded = tmp_path / "pruned-padded"
-    with _offline():
-        stock = lm_eval.simple_evaluate(
-            model="hf",
-            model_args=f"pretrained={padded},dtype=float32",
-            tasks=["cfsp_piqa"],
-            device="cpu",
-            limit=16,
-            bootstrap_iters=0,
-            log_samples=True,
-            task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
-        )
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):  # stock lm-eval, no hub
+        monkeypatch.setenv(name, "1")
+    stock = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={padded},dtype=float32",
+        tasks=["cfsp_piqa"],
+        device="cpu",
+        limit=16,
+        bootstrap_iters=0,
+        log_samples=True,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+    )
     compact = load_model(str(out))
     ours = zeroshot(compact.model, compact.tokenizer, ["piqa"], limit=16, per_item=True)
     stock_acc = stock["results"]["cfsp_piqa"]["acc,none"]

@@ -175,8 +175,8 @@ def test_sweep_logged_to_a_tracking_server(
     assert (before.data.tags["git.dirty"], tags["git.dirty"]) == ("false", "true")
     assert "dvc.lock.sha256" in tags and tags["cfsp.version"]
     assert (
-        after.data.metrics["params"]
-        == next(s for s in second if s["name"] == name)["metrics"]["params"]
+        after.data.metrics["params/count"]
+        == next(s for s in second if s["name"] == name)["metrics"]["params/count"]
     )
 
     # Inputs: the calibration and evaluation windows, by their token-id hashes.
