@@ -240,7 +240,7 @@ class RunRecord:
     params: nested sections (flattened with `.`); metrics: flat {name: value} (names may group
     with `/`); history: {metric: value per step}; artifacts: {folder in the run ("" = root):
     [files]}; calibration: the prepare fingerprint; evaluation: {source: fingerprint};
-    checkpoint: {"path", "sha256"}."""
+    checkpoint: {"path", "digest"}."""
 
     name: str
     params: dict

@@ -34,8 +34,9 @@ def log_datasets(client, run_id: str, calibration: dict | None, evaluation: dict
 
 
 def checkpoint_tags(checkpoint: dict) -> dict[str, str]:
-    """checkpoint: {"path", "sha256" (of model.safetensors)} -> run/model tags, including the
-    sha256 of the manifest, which records the hash of every file of the checkpoint."""
+    """checkpoint: {"path", "digest" (cfsp's content hash: a digest of the sha256 of every file,
+    however many weight shards)} -> run/model tags, including the sha256 of the manifest, which
+    records the hash of every file of the checkpoint."""
     from cfsp.export import MANIFEST
     from cfsp.io import sha256_file
 
@@ -44,7 +45,7 @@ def checkpoint_tags(checkpoint: dict) -> dict[str, str]:
     return {
         "checkpoint.path": str(path),
         "checkpoint.uri": path.as_uri(),
-        "checkpoint.sha256": str(checkpoint.get("sha256") or "none"),
+        "checkpoint.digest": str(checkpoint.get("digest") or "none"),
         "checkpoint.manifest_sha256": sha256_file(manifest) if manifest.is_file() else "none",
     }
 

@@ -83,7 +83,7 @@ def test_slash_metrics_and_reruns_through_the_library(mlflow_server, tmp_path):
         tags={"budget": "0.3"},
         artifacts={},
         history={"recover/loss": [3.0, 2.0, 1.0]},
-        checkpoint={"path": str(tmp_path), "sha256": "0" * 64},
+        checkpoint={"path": str(tmp_path), "digest": "0" * 20},
     )
     first, second = log_child(sweep, record), log_child(sweep, record)
     end_sweep(sweep, ok=True)
@@ -191,12 +191,16 @@ def test_sweep_logged_to_a_tracking_server(
     contexts = {d.dataset.name: d.tags[0].value for d in after.inputs.dataset_inputs}
     assert contexts["file:text.txt:calibration"] == "calibration"
     # The checkpoint: tags on the run and an external logged model pointing at it.
-    weights = Path(summary["checkpoint"]) / "model.safetensors"
-    assert tags["checkpoint.sha256"] == sha256_file(weights)
+    from cfsp.export import read_manifest
+    from cfsp.pipeline.keys import digest
+
+    assert tags["checkpoint.digest"] == digest(read_manifest(summary["checkpoint"])["files_sha256"])
+    manifest = Path(summary["checkpoint"]) / "cfsp_manifest.json"
+    assert tags["checkpoint.manifest_sha256"] == sha256_file(manifest)
     assert tags["checkpoint.path"] == str(Path(summary["checkpoint"]).absolute())
     [output] = after.outputs.model_outputs
     model = client.get_logged_model(output.model_id)
-    assert model.tags["checkpoint.sha256"] == tags["checkpoint.sha256"]
+    assert model.tags["checkpoint.digest"] == tags["checkpoint.digest"]
     assert model.source_run_id == after.info.run_id
 
     # An artifact comes back byte-identical over HTTP, and it was stored by the server.

@@ -101,7 +101,7 @@ def _track(summary: dict, records: dict, params: Params, sweep: dict) -> dict:
         history={"recover/loss": summary["recover_losses"]} if summary["recover_losses"] else None,
         calibration=records["prepare"]["info"],
         evaluation={s: r.get("fingerprint") for s, r in evaluated["perplexity"].items()},
-        checkpoint={"path": final["path"], "sha256": final["hash"]},
+        checkpoint={"path": final["path"], "digest": final["hash"]},
     )
     summary["mlflow_run_id"] = track(sweep, asdict(record))
     write_json(folder / "summary.json", summary)
