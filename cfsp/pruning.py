@@ -125,6 +125,16 @@ def prune_loaded(
     return report, manifest
 
 
+def run_request(model_spec: str, calib: CalibConfig, prune: PruneConfig, dtype: str) -> dict:
+    """What a checkpoint was asked to be: recorded in its manifest, compared by `guard_output`."""
+    return {
+        "model": model_spec,
+        "calibration": calib.model_dump(),
+        "prune": prune.model_dump(),
+        "dtype": dtype,
+    }
+
+
 def prune_to_checkpoint(
     model_spec: str,
     calib: CalibConfig,
@@ -149,12 +159,7 @@ def prune_to_checkpoint(
         check_writable_parent(extra)
     check_model_spec(model_spec, trust_remote_code)
     check_source(calib.source, "calibration")
-    request = {
-        "model": model_spec,
-        "calibration": calib.model_dump(),
-        "prune": prune.model_dump(),
-        "dtype": dtype,
-    }
+    request = run_request(model_spec, calib, prune, dtype)
     for folder in dirs.values():
         guard_output(folder, request, overwrite)
     timings = {}

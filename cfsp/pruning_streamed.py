@@ -83,7 +83,7 @@ def prune_streamed_to_checkpoint(
     from cfsp.engine.streamed_weights import empty_model, resolve_device
     from cfsp.io import atomic_dir, check_writable_parent, parse_shard_size
     from cfsp.models import check_tokenizer_matches, count_params, parse_dtype
-    from cfsp.pruning import build_manifest, guard_output
+    from cfsp.pruning import build_manifest, guard_output, run_request
 
     out = check_writable_parent(out)
     check_stream_export(export)
@@ -92,12 +92,7 @@ def prune_streamed_to_checkpoint(
     path, revision, config = stream_source(model_spec, trust_remote_code)
     adapter_for(config)
     check_source(calib.source, "calibration")
-    request = {
-        "model": model_spec,
-        "calibration": calib.model_dump(),
-        "prune": prune.model_dump(),
-        "dtype": dtype,
-    }
+    request = run_request(model_spec, calib, prune, dtype)
     guard_output(out, request, overwrite)
     t0 = time.perf_counter()
     skeleton = empty_model(config, torch_dtype)
