@@ -458,8 +458,8 @@ ConcurrencyOpt = Annotated[
 
 def _deploy_request(params, set_, cron, timezone, concurrency, **names: str):
     """The parameters and DeploySpec of `deploy`/`serve`, every check made before anything is
-    registered: params, Prefect's environment, schedule, names, the whole request (as `cfsp
-    run` checks it) and, last, a Prefect server at PREFECT_API_URL."""
+    registered: params, Prefect's environment, schedule, names, a Prefect server at
+    PREFECT_API_URL and, last, the whole request (as `cfsp run` checks it)."""
     p = _params(params, set_)
     from cfsp.prefect_env import configure_prefect
 
@@ -471,8 +471,8 @@ def _deploy_request(params, set_, cron, timezone, concurrency, **names: str):
     check_schedule(cron or "0 0 * * *", timezone)  # the zone is checked even without --cron
     check_concurrency(concurrency)
     check_names(**names)
-    check_request(p)
     require_prefect_server()
+    check_request(p)
     return p, DeploySpec(names["name"], cron, timezone, concurrency)
 
 

@@ -1,0 +1,258 @@
+"""`cfsp deploy` against a real Prefect server on 127.0.0.1: the sweep deployed to a process
+work pool (schedule, time zone, concurrency limit, typed parameters), run by a real `prefect
+worker` process, read back over the REST API: flow- and task-run names, cfsp's log lines in the
+run's logs, results persisted as JSON. Plus the refusals that need no server."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cfsp.cli import main
+from cfsp.interrupts import stop_group
+
+ROOT = Path(__file__).resolve().parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def _port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _env(home: Path, url: str, **extra: str) -> dict[str, str]:
+    """A child process of this checkout talking to the test server, Prefect state in `home`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CFSP_FAULT")}
+    env.update(
+        PYTHONPATH=str(ROOT),
+        PREFECT_HOME=str(home),
+        PREFECT_API_URL=url,
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        HF_HUB_OFFLINE="1",
+        COLUMNS="200",
+        **extra,
+    )
+    return env
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """`prefect server start` on a free port of 127.0.0.1 (sqlite in its own PREFECT_HOME, no
+    UI); its whole process group is stopped at the end. Yields the API URL."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = _port()
+    url = f"http://127.0.0.1:{port}/api"
+    env = _env(home, "", PREFECT_UI_ENABLED="false", PREFECT_SERVER_API_HOST="127.0.0.1")
+    env.pop("PREFECT_API_URL")
+    log = open(home / "server.log", "wb")  # noqa: SIM115 -- closed in the finalizer
+    cmd = [*PREFECT, "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "prefect server did not answer in 240 s"
+            try:
+                if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        yield url
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 300):
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _post(url: str, path: str, body: dict) -> list[dict]:
+    reply = httpx.post(f"{url}{path}", json=body, timeout=30)
+    reply.raise_for_status()
+    return reply.json()
+
+
+def _wait_final(url: str, run_id: str, worker: subprocess.Popen, seconds: float) -> dict:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{url}/flow_runs/{run_id}", timeout=30).json()
+        if run["state"]["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {seconds} s")
+
+
+def test_deploy_worker_run_names_logs_and_json_results(tiny_project, prefect_api, tmp_path):
+    url = prefect_api
+    home, results = tmp_path / "prefect-client", tmp_path / "results"
+    env = _env(home, url, PREFECT_LOCAL_STORAGE_PATH=str(results))
+    deploy = [
+        *(sys.executable, "-m", "cfsp.cli", "deploy", "--name", "nightly", "--pool", "cfsp-test"),
+        *("--cron", "0 3 * * *", "--timezone", "Europe/Berlin", "--concurrency", "1"),
+        *("-S", "evaluate.speed.enabled=false"),
+    ]
+    done = _run(deploy, tiny_project, env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "created process work pool 'cfsp-test'" in done.stdout
+
+    # The deployment as the server holds it: pool, schedule, limit, typed default parameters.
+    stored = httpx.get(f"{url}/deployments/name/sweep/nightly", timeout=30).json()
+    assert stored["work_pool_name"] == "cfsp-test"
+    assert stored["entrypoint"] == "cfsp.pipeline.flows.sweep"
+    [schedule] = [s["schedule"] for s in stored["schedules"]]
+    assert (schedule["cron"], schedule["timezone"]) == ("0 3 * * *", "Europe/Berlin")
+    assert stored["global_concurrency_limit"]["limit"] == 1
+    assert stored["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert stored["job_variables"]["working_dir"] == str(tiny_project)
+    params = stored["parameters"]["params"]
+    assert params["models"] == ["tiny"] and params["evaluate"]["speed"]["enabled"] is False
+    schema = stored["parameter_openapi_schema"]
+    assert schema["properties"]["params"]["$ref"].endswith("/Params")
+    assert "budgets" in schema["definitions"]["Params"]["properties"]
+    pool = httpx.get(f"{url}/work_pools/cfsp-test", timeout=30).json()
+    assert pool["type"] == "process"
+
+    # The server validates a custom run against the params model (the UI's form does too).
+    bad = httpx.post(
+        f"{url}/deployments/{stored['id']}/create_flow_run",
+        json={"parameters": {"params": {**params, "dtype": "float8"}}},
+        timeout=30,
+    )
+    assert bad.status_code in (409, 422), bad.text
+
+    triggered = _run([*PREFECT, "deployment", "run", "sweep/nightly"], tiny_project, env)
+    assert triggered.returncode == 0, triggered.stderr[-3000:]
+    [run_id] = re.findall(r"UUID: ([0-9a-f-]{36})", triggered.stdout)
+    worker = subprocess.Popen(
+        [*PREFECT, "worker", "start", "--pool", "cfsp-test", "--run-once"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        run = _wait_final(url, run_id, worker, 240)
+    finally:
+        stop_group(worker, grace=30)
+    output = worker.stdout.read()[-4000:]
+    assert run["state"]["type"] == "COMPLETED", output
+    assert run["name"] == "sweep-tiny"
+
+    tasks = _post(url, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    names = {t["name"] for t in tasks}
+    assert {"prepare-tiny", "evaluate-dense-tiny", "prune-p0.4-cfsp"} <= names, names
+    assert {"reconstruct-p0.4-cfsp", "track-tiny-p0.4-cfsp"} <= names, names
+    logs = _post(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
+    messages = [entry["message"] for entry in logs]
+    assert any(m.startswith("prune block  0:") for m in messages), messages[:40]
+    assert any(m.startswith("sweep of 1 runs took") for m in messages), messages[:40]
+    assert (tiny_project / "out" / "runs" / "tiny-p0.4-cfsp" / "summary.json").is_file()
+
+    # Every persisted result is a JSON record written by the JSON serializer; nothing pickled.
+    files = [f for f in results.rglob("*") if f.is_file()]
+    assert files, "no task result was persisted"
+    for f in files:
+        record = json.loads(f.read_bytes())
+        assert record["metadata"]["serializer"]["type"] == "json", f
+        assert b"pickle" not in f.read_bytes(), f
+
+
+def test_deploy_to_a_pool_of_another_type(tiny_project, prefect_api, tmp_path):
+    url = prefect_api
+    reply = httpx.post(
+        f"{url}/work_pools/",
+        json={"name": "not-process", "type": "kubernetes", "base_job_template": {}},
+        timeout=30,
+    )
+    assert reply.status_code == 201, reply.text
+    cmd = [sys.executable, "-m", "cfsp.cli", "deploy", "--pool", "not-process"]
+    done = _run(cmd, tiny_project, _env(tmp_path / "home", url))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "work pool 'not-process' is of type 'kubernetes'" in done.stderr
+
+
+def _cli(capsys, *args) -> tuple[int, str]:
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def _error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "args,api,code,match",
+    [
+        ((), None, 2, "PREFECT_API_URL is not set"),
+        ((), "http://127.0.0.1:{port}/api", 1, "no Prefect server answers at PREFECT_API_URL"),
+        (("--timezone", "Mars/Base"), None, 2, "invalid --timezone 'Mars/Base'"),
+        (("--cron", "61 * * * *"), None, 2, "invalid --cron '61 * * * *'"),
+        (("--concurrency", "0"), None, 2, "--concurrency 0: at least 1"),
+        (("--pool", "a/b"), None, 2, "invalid --pool 'a/b'"),
+        (("-S", "budgets=[1.5]"), None, 2, "1.5 is not in [0, 1)"),
+    ],
+    ids=["no-api-url", "no-server", "timezone", "cron", "concurrency", "pool-name", "params"],
+)
+def test_deploy_refuses_before_registering(
+    tiny_project, capsys, monkeypatch, args, api, code, match
+):
+    """One `error:` line, before anything reaches a server (none runs here)."""
+    for key in (
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT",
+        "PREFECT_SERVER_API_HOST",
+        "PREFECT_RESULTS_DEFAULT_SERIALIZER",
+        "PREFECT_LOGGING_EXTRA_LOGGERS",
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW",
+        "PREFECT_API_URL",
+    ):
+        monkeypatch.delenv(key, raising=False)  # restored after configure_prefect sets them
+    if api:
+        monkeypatch.setenv("PREFECT_API_URL", api.format(port=_port()))
+    monkeypatch.chdir(tiny_project)
+    got, err = _cli(capsys, "deploy", *args)
+    assert got == code and match in _error(err)
+    assert not (tiny_project / "out").exists()
+
+
+def test_serve_refuses_without_a_server(tiny_project, capsys, monkeypatch):
+    """`cfsp serve` no longer serves against a temporary server that dies with it."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    for key in ("PREFECT_RESULTS_DEFAULT_SERIALIZER", "PREFECT_LOGGING_EXTRA_LOGGERS"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.chdir(tiny_project)
+    got, err = _cli(capsys, "serve", "--cron", "0 3 * * *", "--timezone", "Asia/Tokyo")
+    assert got == 2 and "PREFECT_API_URL is not set" in _error(err)
+
+
+def test_run_names_of_tasks_and_flows():
+    """The names the UI lists, from the task's parameters and the flow's."""
+    from cfsp.pipeline.keys import sweep_name
+    from cfsp.pipeline.tasks import task_run_name
+
+    prune = {"budget": 0.3, "method": "cfsp"}
+    assert task_run_name({"stage": "prune", "model": "smollm2-135m", "prune": prune}) == (
+        "prune-p0.3-cfsp"
+    )
+    assert task_run_name({"stage": "prepare", "model": "/m/SmolLM2-135M", "prune": None}) == (
+        "prepare-SmolLM2-135M"
+    )
+    assert sweep_name(["smollm2-135m"]) == "sweep-smollm2-135m"
+    assert sweep_name(["a", "/x/b", "a"]) == "sweep-a+b"
