@@ -173,18 +173,24 @@ def test_deploy_worker_run_names_logs_and_json_results(tiny_project, prefect_api
         assert b"pickle" not in f.read_bytes(), f
 
 
-def test_deploy_to_a_pool_of_another_type(tiny_project, prefect_api, tmp_path):
-    url = prefect_api
+def test_a_pool_of_another_type_is_refused(prefect_api):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from cfsp.errors import UsageError
+    from cfsp.pipeline.deploy import ensure_process_pool
+
     reply = httpx.post(
-        f"{url}/work_pools/",
+        f"{prefect_api}/work_pools/",
         json={"name": "not-process", "type": "kubernetes", "base_job_template": {}},
         timeout=30,
     )
     assert reply.status_code == 201, reply.text
-    cmd = [sys.executable, "-m", "cfsp.cli", "deploy", "--pool", "not-process"]
-    done = _run(cmd, tiny_project, _env(tmp_path / "home", url))
-    assert done.returncode == 2 and "Traceback" not in done.stderr
-    assert "work pool 'not-process' is of type 'kubernetes'" in done.stderr
+    with temporary_settings({PREFECT_API_URL: prefect_api}):
+        with pytest.raises(UsageError, match="work pool 'not-process' is of type 'kubernetes'"):
+            ensure_process_pool("not-process")
+        assert ensure_process_pool("fresh-pool") is True  # created, then found
+        assert ensure_process_pool("fresh-pool") is False
+    assert httpx.get(f"{prefect_api}/work_pools/fresh-pool").json()["type"] == "process"
 
 
 def _cli(capsys, *args) -> tuple[int, str]:
