@@ -468,7 +468,7 @@ def _deploy_request(params, set_, cron, timezone, concurrency, **names: str):
     from cfsp.pipeline.flows import check_request
     from cfsp.servers import check_concurrency, check_schedule, require_prefect_server
 
-    check_schedule(cron or "0 0 * * *", timezone)  # the zone is checked even without --cron
+    check_schedule("0 0 * * *" if cron is None else cron, timezone)  # the zone even alone
     check_concurrency(concurrency)
     check_names(**names)
     require_prefect_server()

@@ -53,8 +53,10 @@ def check_names(**names: str) -> None:
             )
 
 
-def sweep_deployment(params: Params, spec: DeploySpec):
-    """The sweep as a Prefect RunnerDeployment (not yet registered)."""
+def sweep_deployment(params: Params, spec: DeploySpec, pool: str | None = None):
+    """The sweep as a Prefect RunnerDeployment, not yet registered: for a work pool `pool`
+    (with the worker's working directory and settings), or for `serve` (pool None: the serving
+    process's own folder and settings; Prefect refuses job variables there)."""
     from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
@@ -71,7 +73,8 @@ def sweep_deployment(params: Params, spec: DeploySpec):
         parameters={"params": params.model_dump(mode="json")},
         description=f"cfsp sweep: {grid} run(s) of {', '.join(params.models)}",
         tags=["cfsp"],
-        job_variables={"working_dir": str(Path.cwd()), "env": dict(RUN_ENV)},
+        work_pool_name=pool,
+        job_variables={"working_dir": str(Path.cwd()), "env": dict(RUN_ENV)} if pool else None,
         entrypoint_type=EntrypointType.MODULE_PATH,
     )
 
@@ -104,5 +107,5 @@ def ensure_process_pool(name: str) -> bool:
 def deploy_to_pool(params: Params, spec: DeploySpec, pool: str) -> tuple[str, bool]:
     """Register (or update) the sweep deployment on `pool`: (deployment id, pool created)."""
     created = ensure_process_pool(pool)
-    deployment_id = sweep_deployment(params, spec).apply(work_pool_name=pool)
+    deployment_id = sweep_deployment(params, spec, pool).apply()
     return str(deployment_id), created
