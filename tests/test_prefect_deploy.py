@@ -193,6 +193,39 @@ def test_a_pool_of_another_type_is_refused(prefect_api):
     assert httpx.get(f"{prefect_api}/work_pools/fresh-pool").json()["type"] == "process"
 
 
+def test_serve_registers_the_same_deployment(tiny_project, prefect_api, tmp_path):
+    """`cfsp serve` registers the sweep (schedule in its time zone, concurrency limit, typed
+    parameters) and keeps serving it until stopped."""
+    url = prefect_api
+    cmd = [
+        *(sys.executable, "-m", "cfsp.cli", "serve", "--name", "served", "--cron", "30 4 * * 1"),
+        *("--timezone", "Asia/Tokyo", "--concurrency", "2", "-S", "budgets=[0.2]"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tiny_project,
+        env=_env(tmp_path / "home", url),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        deadline, stored = time.monotonic() + 240, None
+        while stored is None:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "cfsp serve registered nothing in 240 s"
+            reply = httpx.get(f"{url}/deployments/name/sweep/served", timeout=30)
+            stored = reply.json() if reply.status_code == 200 else time.sleep(2)
+    finally:
+        stop_group(proc)
+    [schedule] = [s["schedule"] for s in stored["schedules"]]
+    assert (schedule["cron"], schedule["timezone"]) == ("30 4 * * 1", "Asia/Tokyo")
+    assert stored["global_concurrency_limit"]["limit"] == 2
+    assert stored["parameters"]["params"]["budgets"] == [0.2]
+    assert stored["work_pool_name"] is None
+
+
 def _cli(capsys, *args) -> tuple[int, str]:
     code = main([str(a) for a in args])
     return code, capsys.readouterr().err
