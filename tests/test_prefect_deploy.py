@@ -96,6 +96,19 @@ def _wait_final(url: str, run_id: str, worker: subprocess.Popen, seconds: float)
     raise AssertionError(f"flow run {run_id} still {run['state']['type']} after {seconds} s")
 
 
+def _run_logs(url: str, run_id: str, starts: tuple[str, ...], seconds: float = 60) -> list[str]:
+    """The flow run's log messages, once one starts with each of `starts`: Prefect ships logs
+    in batches, so the last lines may reach the server after the run is COMPLETED."""
+    deadline = time.monotonic() + seconds
+    while True:
+        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+        messages = [entry["message"] for entry in _post(url, "/logs/filter", body)]
+        found = all(any(m.startswith(s) for m in messages) for s in starts)
+        if found or time.monotonic() > deadline:
+            return messages
+        time.sleep(2)
+
+
 def test_deploy_worker_run_names_logs_and_json_results(tiny_project, prefect_api, tmp_path):
     url = prefect_api
     home, results = tmp_path / "prefect-client", tmp_path / "results"
@@ -158,8 +171,7 @@ def test_deploy_worker_run_names_logs_and_json_results(tiny_project, prefect_api
     names = {t["name"] for t in tasks}
     assert {"prepare-tiny", "evaluate-dense-tiny", "prune-p0.4-cfsp"} <= names, names
     assert {"reconstruct-p0.4-cfsp", "track-tiny-p0.4-cfsp"} <= names, names
-    logs = _post(url, "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})
-    messages = [entry["message"] for entry in logs]
+    messages = _run_logs(url, run_id, ("prune block  0:", "sweep of 1 runs took"))
     assert any(m.startswith("prune block  0:") for m in messages), messages[:40]
     assert any(m.startswith("sweep of 1 runs took") for m in messages), messages[:40]
     assert (tiny_project / "out" / "runs" / "tiny-p0.4-cfsp" / "summary.json").is_file()
