@@ -101,8 +101,11 @@ def _run_logs(url: str, run_id: str, starts: tuple[str, ...], seconds: float = 6
     in batches, so the last lines may reach the server after the run is COMPLETED."""
     deadline = time.monotonic() + seconds
     while True:
-        body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
-        messages = [entry["message"] for entry in _post(url, "/logs/filter", body)]
+        messages, page = [], None
+        while page is None or len(page) == 200:  # the API's largest page
+            body = {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}
+            page = _post(url, "/logs/filter", {**body, "offset": len(messages)})
+            messages += [entry["message"] for entry in page]
         found = all(any(m.startswith(s) for m in messages) for s in starts)
         if found or time.monotonic() > deadline:
             return messages
