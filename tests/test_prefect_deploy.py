@@ -166,6 +166,9 @@ def test_deploy_worker_run_names_logs_and_json_results(tiny_project, prefect_api
     )
     try:
         run = _wait_final(url, run_id, worker, 240)
+        # --run-once exits once its flow-run process has exited, which first ships its last
+        # log lines: stopping the group at COMPLETED would lose them.
+        worker.wait(timeout=120)
     finally:
         stop_group(worker, grace=30)
     output = worker.stdout.read()[-4000:]
@@ -325,6 +328,7 @@ def test_tasks_run_on_the_runner_the_params_name(prefect_api):
 
     from prefect import flow, task
     from prefect.context import FlowRunContext
+    from prefect.logging.handlers import APILogHandler
     from prefect.settings import PREFECT_API_URL, temporary_settings
     from prefect.task_runners import ThreadPoolTaskRunner
 
@@ -344,6 +348,7 @@ def test_tasks_run_on_the_runner_the_params_name(prefect_api):
 
     with temporary_settings({PREFECT_API_URL: prefect_api}):
         default, runner, names, after = probe(Params(runner={"kind": "threads", "workers": 3}))
+        APILogHandler().flush()  # ship the probe's logs while this module's server is up
     assert isinstance(runner, ThreadPoolTaskRunner) and runner is not default
     assert runner._max_workers == 3 and after is default
     assert all(n.startswith("ThreadPoolExecutor") for n in names), names
