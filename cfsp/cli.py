@@ -447,28 +447,90 @@ def _print_protocol(p, summaries: list[dict]) -> None:
         typer.echo(f"checkpoint {s['name']}: {s['checkpoint']}")
 
 
+DeployName = Annotated[str, typer.Option("--name", help="Deployment name.")]
+TimezoneOpt = Annotated[
+    str, typer.Option("--timezone", help="IANA time zone of --cron, e.g. Europe/Berlin.")
+]
+ConcurrencyOpt = Annotated[
+    int, typer.Option("--concurrency", help="Runs of the deployment at once; later ones wait.")
+]
+
+
+def _deploy_request(params, set_, cron, timezone, concurrency, **names: str):
+    """The parameters and DeploySpec of `deploy`/`serve`, every check made before anything is
+    registered: params, Prefect's environment, schedule, names, a Prefect server at
+    PREFECT_API_URL and, last, the whole request (as `cfsp run` checks it)."""
+    p = _params(params, set_)
+    from cfsp.prefect_env import configure_prefect
+
+    configure_prefect()
+    from cfsp.pipeline.deploy import DeploySpec, check_names
+    from cfsp.pipeline.flows import check_request
+    from cfsp.servers import check_concurrency, check_schedule, require_prefect_server
+
+    check_schedule("0 0 * * *" if cron is None else cron, timezone)  # the zone even alone
+    check_concurrency(concurrency)
+    check_names(**names)
+    require_prefect_server()
+    check_request(p)
+    return p, DeploySpec(names["name"], cron, timezone, concurrency)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    params: ParamsOpt = Path("params.yaml"),
+    set_: SetOpt = None,
+    cron: Annotated[
+        str | None, typer.Option(help="Cron schedule, e.g. '0 3 * * *'; none: run on demand.")
+    ] = None,
+    timezone: TimezoneOpt = "UTC",
+    concurrency: ConcurrencyOpt = 1,
+    name: DeployName = "cfsp-sweep",
+    pool: Annotated[str, typer.Option(help="Process work pool (created when missing).")] = "cfsp",
+) -> None:
+    """Deploy the sweep to a Prefect process work pool; `prefect worker start --pool POOL`
+    runs it on schedule or on `prefect deployment run sweep/NAME`.
+
+    The params file (with -S overrides) becomes the deployment's default parameters, typed and
+    validated by the params model; the current folder becomes the worker's working directory.
+    Needs PREFECT_API_URL set to a running server (`prefect server start`).
+    """
+    p, spec = _deploy_request(params, set_, cron, timezone, concurrency, name=name, pool=pool)
+    from cfsp.pipeline.deploy import deploy_to_pool
+
+    deployment_id, created = deploy_to_pool(p, spec, pool)
+    if created:
+        typer.echo(f"created process work pool {pool!r}")
+    when = f"{cron} ({timezone})" if cron else "on demand"
+    typer.echo(
+        f"deployed sweep/{name} ({deployment_id}) to pool {pool!r}: {when}, at most "
+        f"{concurrency} run(s) at once"
+    )
+    typer.echo(f"start a worker:  prefect worker start --pool {pool}")
+    typer.echo(f"run it now:      prefect deployment run sweep/{name}")
+
+
 @app.command("serve")
 def serve_cmd(
     cron: Annotated[str, typer.Option(help="Cron schedule, e.g. '0 3 * * *' (03:00 daily).")],
     params: ParamsOpt = Path("params.yaml"),
-    name: Annotated[str, typer.Option(help="Deployment name.")] = "cfsp-sweep",
+    set_: SetOpt = None,
+    timezone: TimezoneOpt = "UTC",
+    concurrency: ConcurrencyOpt = 1,
+    name: DeployName = "cfsp-sweep",
 ) -> None:
-    """Serve the sweep as a scheduled Prefect deployment (runs until interrupted).
+    """Serve the sweep on a schedule from this process (runs until interrupted): the same
+    deployment as `cfsp deploy`, without a work pool or worker.
 
-    Needs a Prefect server that outlives this process: start one with `prefect server start`
-    (it binds 127.0.0.1) and set PREFECT_API_URL=http://127.0.0.1:4200/api.
+    Needs PREFECT_API_URL set to a Prefect server that outlives this process: start one with
+    `prefect server start` (it binds 127.0.0.1).
     """
-    p = _params(params)
-    from cfsp.prefect_env import configure_prefect
-    from cfsp.servers import check_cron
-
-    configure_prefect()
-    check_cron(cron)
+    p, spec = _deploy_request(params, set_, cron, timezone, concurrency, name=name)
     from prefect import serve
 
-    from cfsp.pipeline.flows import deploy_sweep
+    from cfsp.pipeline.deploy import sweep_deployment
 
-    serve(deploy_sweep(p, name, cron))
+    serve(sweep_deployment(p, spec))
 
 
 @app.command("dashboard")

@@ -1,8 +1,10 @@
 """Prefect settings cfsp needs, applied before Prefect is imported (environment variables).
 
-Without PREFECT_API_URL, Prefect starts its own temporary local server; on a slow machine it
-needs more than the default 20 s to come up. Results persist as files (JSON records) so the
-cache works across runs.
+Without PREFECT_API_URL, Prefect starts its own temporary local server (for `cfsp run`; `cfsp
+deploy` and `cfsp serve` refuse it); on a slow machine it needs more than the default 20 s to
+come up. Results persist as files (JSON records, JSON also by default: never pickle) so the cache
+works across runs. cfsp's log lines go to the run's logs in Prefect (logger `cfsp` is one of
+Prefect's extra loggers; outside a run they stay local, without a warning per line).
 
 The environment Prefect reads is checked first: a PREFECT_HOME that is a file, or a
 PREFECT_API_URL that is not an http(s) URL, otherwise costs minutes of server retries and
@@ -60,5 +62,8 @@ def configure_prefect() -> None:
     check_prefect_api_url()
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault("PREFECT_RESULTS_PERSIST_BY_DEFAULT", "true")
+    os.environ.setdefault("PREFECT_RESULTS_DEFAULT_SERIALIZER", "json")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "cfsp")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_API_HOST", "127.0.0.1")

@@ -1,4 +1,4 @@
-"""Checks for the long-running commands (`cfsp dashboard`, `cfsp serve`), made before any
+"""Checks for the server commands (`cfsp dashboard`, `cfsp serve`, `cfsp deploy`), made before any
 server starts: a bad port or schedule is a one-line usage error, not tracebacks from a child
 process half a minute later."""
 
@@ -26,16 +26,53 @@ def check_port(port: int, host: str = "127.0.0.1") -> None:
             raise CfspError(f"cannot listen on {host}:{port}: {err.strerror}") from err
 
 
-def check_cron(cron: str) -> None:
-    """A cron string Prefect's own schedule model accepts (so `serve` cannot fail on it)."""
+def check_schedule(cron: str, timezone: str = "UTC") -> None:
+    """A cron string and IANA time zone Prefect's own schedule model accepts (so `serve` and
+    `deploy` cannot fail on them after a server is contacted)."""
     from prefect.client.schemas.schedules import CronSchedule
     from pydantic import ValidationError
 
     try:
-        CronSchedule(cron=cron)
+        CronSchedule(cron=cron, timezone=timezone)
     except ValidationError as err:
-        reason = err.errors()[0].get("msg", "invalid").removeprefix("Value error, ")
+        first = err.errors()[0]
+        reason = first.get("msg", "invalid").removeprefix("Value error, ")
+        if first.get("loc") == ("timezone",):
+            raise UsageError(
+                f"invalid --timezone {timezone!r}: use an IANA name such as UTC or Europe/Berlin"
+            ) from None
         raise UsageError(
             f"invalid --cron {cron!r}: {reason}; use five fields (minute hour day month "
             "weekday), e.g. '0 3 * * *'"
         ) from None
+
+
+def check_concurrency(limit: int) -> None:
+    """At least one run of the deployment at a time."""
+    if limit < 1:
+        raise UsageError(f"--concurrency {limit}: at least 1 run at a time")
+
+
+def require_prefect_server() -> str:
+    """PREFECT_API_URL names a Prefect server that answers. A deployment must outlive this
+    command, so Prefect's temporary server (what it starts when the variable is unset) is
+    refused rather than used silently."""
+    import os
+
+    import httpx
+
+    url = os.environ.get("PREFECT_API_URL", "").rstrip("/")
+    if not url:
+        raise UsageError(
+            "PREFECT_API_URL is not set: a deployment needs a Prefect server that outlives "
+            "this command; run `prefect server start` and export "
+            "PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    try:
+        httpx.get(f"{url}/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as err:
+        raise CfspError(
+            f"no Prefect server answers at PREFECT_API_URL={url} ({type(err).__name__}); "
+            "start one with `prefect server start`"
+        ) from None
+    return url

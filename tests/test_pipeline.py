@@ -134,10 +134,10 @@ def test_cron_deployment_is_created(tiny_project, prefect_server):
     from prefect import get_client
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    from flows.compress import deploy_sweep
+    from flows.compress import DeploySpec, sweep_deployment
 
     params = load_params(tiny_project / "params.yaml")
-    deployment = deploy_sweep(params, "nightly-test", "0 3 * * *")
+    deployment = sweep_deployment(params, DeploySpec("nightly-test", "0 3 * * *"))
     deployment_id = deployment.apply()
 
     async def read():

@@ -24,7 +24,7 @@ from cfsp.config import Params, prune_config
 from cfsp.export import write_exports
 from cfsp.io import read_json, write_json
 from cfsp.metrics import render_table
-from cfsp.pipeline.keys import model_key, run_name, slug
+from cfsp.pipeline.keys import model_key, run_name, slug, sweep_name
 from cfsp.pipeline.registry import STAGES, cache_key, enabled, sections
 from cfsp.pipeline.tasks import TASKS
 from cfsp.pipeline.tracking import lineage_tags, preflight, track
@@ -116,11 +116,10 @@ GRID = ("models", "budgets", "methods")  # one value each per child run: logged 
 
 def _start_sweep(params: Params, grid: list[tuple[str, float, str]]) -> Sweep:
     """The sweep's parent run: named after its models, holding the whole request."""
-    models = "+".join(slug(Path(m).name or m) for m in dict.fromkeys(g[0] for g in grid))
     return start_sweep(
         params.tracking.resolved_uri(params.output),
         params.tracking.experiment,
-        f"sweep-{models}",
+        sweep_name([g[0] for g in grid]),
         params.model_dump(),
         str(Path(params.output) / "mlartifacts"),
         lineage_tags(),
@@ -199,18 +198,67 @@ def _prune_dict(params: Params, method: str, budget: float) -> dict:
 NOT_PERSISTED = dict(persist_result=False, result_serializer="json")
 
 
+def _sweep_run_name() -> str:
+    """`sweep-smollm2-135m`: a sweep's flow run is named like its MLflow parent run."""
+    from prefect.runtime import flow_run
+
+    params = flow_run.parameters.get("params")
+    models = params.models if isinstance(params, Params) else (params or {}).get("models")
+    return sweep_name(models) if isinstance(models, list) and models else "sweep"
+
+
+def _compress_run_name() -> str:
+    """`compress-smollm2-135m-p0.3-cfsp`: the flow run of one model, budget and method."""
+    from prefect.runtime import flow_run
+
+    given = flow_run.parameters
+    try:
+        return f"compress-{run_name(given['model'], given['method'], float(given['budget']))}"
+    except (KeyError, TypeError, ValueError):
+        return "compress"
+
+
+@contextlib.contextmanager
+def _runner_of(params: Params):
+    """Submit this run's tasks through the runner `params.runner` asks for. A deployment's
+    worker loads the flow with its decorator's runner and the parameters arrive only with the
+    run, so the runner is entered here, inside the run, and put into the run's context (which
+    `Task.submit` reads)."""
+    from prefect.context import FlowRunContext
+
+    context = FlowRunContext.get()
+    with task_runner(params) as runner, context.model_copy(update={"task_runner": runner}):
+        yield
+
+
+def _log_to_prefect() -> None:
+    """cfsp's own lines (per-block progress, timings) go to the run's logs in Prefect, wherever
+    the run executes: logger `cfsp` gets Prefect's API handler (as PREFECT_LOGGING_EXTRA_LOGGERS
+    =cfsp does at Prefect's start-up), and INFO where the process left it at WARNING (a worker's
+    flow-run process does)."""
+    from prefect.logging.handlers import APILogHandler
+
+    log = logging.getLogger("cfsp")
+    if log.getEffectiveLevel() > logging.INFO:
+        log.setLevel(logging.INFO)
+    if not any(isinstance(h, APILogHandler) for h in log.handlers):
+        log.addHandler(APILogHandler())
+
+
 @flow(
     name="sweep",
-    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    flow_run_name=_sweep_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=2),  # replaced by params.runner in the run
     log_prints=True,
     **NOT_PERSISTED,
 )
-def sweep(params: dict) -> list[dict]:
+def sweep(params: Params) -> list[dict]:
     """Every model x budget x method of a params.yaml, sharing per-model stages."""
-    p = Params(**params)
-    grid = [(m, b, meth) for m in p.models for b in p.budgets for meth in p.methods]
+    _log_to_prefect()
+    grid = [(m, b, meth) for m in params.models for b in params.budgets for meth in params.methods]
     start = time.perf_counter()
-    out = run_grid(p, grid)
+    with _runner_of(params):
+        out = run_grid(params, grid)
     logging.getLogger("cfsp").info(
         "sweep of %d runs took %.1fs", len(grid), time.perf_counter() - start
     )
@@ -219,13 +267,16 @@ def sweep(params: dict) -> list[dict]:
 
 @flow(
     name="compress",
-    task_runner=ThreadPoolTaskRunner(max_workers=2),
+    flow_run_name=_compress_run_name,
+    task_runner=ThreadPoolTaskRunner(max_workers=2),  # replaced by params.runner in the run
     log_prints=True,
     **NOT_PERSISTED,
 )
-def compress(params: dict, model: str, budget: float, method: str) -> dict:
+def compress(params: Params, model: str, budget: float, method: str) -> dict:
     """One model at one budget with one method."""
-    return run_grid(Params(**params), [(model, budget, method)])[0]
+    _log_to_prefect()
+    with _runner_of(params):
+        return run_grid(params, [(model, budget, method)])[0]
 
 
 def task_runner(params: Params):
@@ -256,18 +307,14 @@ def task_runner(params: Params):
 
 
 def check_request(params: Params) -> None:
-    """The whole request, before Prefect starts: every spec, source, task, output and the
-    tracking backend (a usage error here costs seconds, not a half-run sweep)."""
+    """The whole request, before Prefect starts: every spec, source, task, output, the task
+    runner and the tracking backend (a usage error here costs seconds, not a half-run sweep)."""
     check_params(params)
+    task_runner(params)  # built, not started: a missing prefect-dask is a usage error now
     preflight(params.tracking.resolved_uri(params.output))
 
 
 def run_sweep(params: Params) -> list[dict]:
-    """Check the request, then run the sweep flow with the configured task runner."""
+    """Check the request, then run the sweep flow (its tasks on params.runner)."""
     check_request(params)
-    return sweep.with_options(task_runner=task_runner(params))(params.model_dump())
-
-
-def deploy_sweep(params: Params, name: str, cron: str):
-    """A deployment of the sweep on a cron schedule (served by `cfsp serve`)."""
-    return sweep.to_deployment(name=name, cron=cron, parameters={"params": params.model_dump()})
+    return sweep(params)

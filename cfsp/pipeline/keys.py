@@ -36,3 +36,9 @@ def run_name(model: str, method: str, budget: float) -> str:
     """`smollm2-135m-p0.3-cfsp`: model, budget, method (the MLflow run name and the folder of
     its report; MLflow shows long names cut at the end, so the method comes last)."""
     return f"{slug(Path(model).name or model)}-p{budget:g}-{slug(method)}"
+
+
+def sweep_name(models: list[str]) -> str:
+    """`sweep-smollm2-135m` (models joined by `+`): the sweep's MLflow parent run and its
+    Prefect flow run."""
+    return "sweep-" + "+".join(slug(Path(m).name or m) for m in dict.fromkeys(models))

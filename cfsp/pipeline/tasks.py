@@ -18,6 +18,7 @@ from prefect.cache_policies import INPUTS, TASK_SOURCE
 
 from cfsp.errors import UsageError
 from cfsp.faults import kill_point
+from cfsp.pipeline.keys import slug
 from cfsp.pipeline.registry import STAGES, StageContext, content_hash, run_stage
 
 
@@ -63,4 +64,13 @@ def _run(
     return {"path": out, "hash": content_hash(stage, Path(out)), "stage_s": seconds, "info": info}
 
 
-TASKS = {name: task(name=name, **CACHED)(_run) for name in STAGES}
+def task_run_name(parameters: dict) -> str:
+    """`prune-p0.3-cfsp` for a stage of one (budget, method) run, `prepare-smollm2-135m` for a
+    stage of the model itself: what the Prefect UI lists instead of `prune-4f2`."""
+    stage, prune, model = parameters["stage"], parameters.get("prune"), parameters["model"]
+    if prune:
+        return f"{stage}-p{prune['budget']:g}-{slug(prune['method'])}"
+    return f"{stage}-{slug(Path(model).name or model)}"
+
+
+TASKS = {name: task(name=name, task_run_name=task_run_name, **CACHED)(_run) for name in STAGES}

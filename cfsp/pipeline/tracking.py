@@ -23,6 +23,7 @@ def lineage_tags() -> dict[str, str]:
 
 @task(
     name="track",
+    task_run_name="track-{record[name]}",  # track-smollm2-135m-p0.3-cfsp
     persist_result=False,  # a side effect, not a cacheable result; never pickled either
     result_serializer="json",
     retries=2,
