@@ -279,9 +279,9 @@ def prune_cmd(
         ),
     ] = False,
     device: Annotated[
-        str | None,
-        typer.Option(help="With --stream: auto (the GPU when there is one), cpu, cuda or cuda:N."),
-    ] = None,
+        str,
+        typer.Option(help="auto (the GPU when there is one), cpu, cuda or cuda:N."),
+    ] = "auto",
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.config import CalibConfig, PruneConfig, validate
@@ -289,8 +289,7 @@ def prune_cmd(
     from cfsp.pruning import prune_to_checkpoint
 
     parse_shard_size(max_shard_size)  # a bad size fails now, not after the pruning
-    if device is not None and not stream:
-        raise UsageError("--device applies to --stream only (the in-memory engine runs on the CPU)")
+    resolve_device(device)  # an unusable device fails now, before any work
 
     prune_values = {
         "budget": budget,
@@ -323,7 +322,7 @@ def prune_cmd(
         )
     else:
         manifest = prune_to_checkpoint(
-            model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, **options
+            model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, device=device, **options
         )
     report = manifest["prune"]
     typer.echo(
