@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import os
 import re
-
-import torch
+from typing import TYPE_CHECKING
 
 from cfsp.errors import UsageError
 
-DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"
-MATH_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # also params.yaml's `device` (cfsp.config)
 
 
 def check_device_name(name: str) -> str:
@@ -35,6 +36,8 @@ def check_device_name(name: str) -> str:
 
 def resolve_device(name: str | None) -> torch.device:
     """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`; else a usage error."""
+    import torch  # here, not at the top: cfsp.config imports this module for DEVICE_PATTERN
+
     name = check_device_name(name or "auto")
     if name == "auto":
         return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
@@ -51,11 +54,13 @@ def resolve_device(name: str | None) -> torch.device:
 
 def math_dtype(device: torch.device | str | None = None) -> torch.dtype:
     """The dtype of the statistics math on `device` (None: the current default device)."""
+    import torch
+
     forced = os.environ.get("CFSP_MATH_DTYPE", "").strip()
     if forced:
-        if forced not in MATH_DTYPES:
+        if forced not in ("float32", "float64"):
             raise UsageError(f"CFSP_MATH_DTYPE={forced!r}: choose float32 or float64")
-        return MATH_DTYPES[forced]
+        return getattr(torch, forced)
     device = torch.get_default_device() if device is None else torch.device(device)
     return torch.float64 if device.type == "cpu" else torch.float32
 
@@ -63,12 +68,16 @@ def math_dtype(device: torch.device | str | None = None) -> torch.dtype:
 def synchronize(device: torch.device) -> None:
     """Wait for queued CUDA work on `device` (timings); nothing on the CPU."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(device)
 
 
 def reset_peak_memory(device: torch.device) -> None:
     """Start counting `device`'s peak allocated memory afresh (CUDA only)."""
     if device.type == "cuda":
+        import torch
+
         torch.cuda.reset_peak_memory_stats(device)
 
 
@@ -76,4 +85,6 @@ def peak_device_mib(device: torch.device) -> float | None:
     """Peak memory allocated on `device` since the last reset, MiB; None on the CPU."""
     if device.type != "cuda":
         return None
+    import torch
+
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
