@@ -129,8 +129,9 @@ def enable_biases(target: Target) -> dict[str, bool]:
 
 def _zero_bias(layer) -> None:
     if layer.bias is None:
-        w = layer.weight
-        layer.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device))
+        w = layer.weight  # beside it; a meta skeleton (the streamed engine's) gets real zeros
+        device = None if w.device.type == "meta" else w.device
+        layer.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=device))
 
 
 def settle_biases(target: Target, stock: dict[str, bool]) -> list[str]:
