@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 
 from cfsp.arch import adapter_for
 from cfsp.config import SpeedConfig
+from cfsp.devices import synchronize
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.models import DTYPES, count_params
 
@@ -46,11 +47,6 @@ def macs_per_token(model: nn.Module, context: int) -> int:
     return linear + attention
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _ids(model: nn.Module, batch: int, seqlen: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().num_embeddings
@@ -59,10 +55,10 @@ def _ids(model: nn.Module, batch: int, seqlen: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _prefill_s(model: nn.Module, ids: torch.Tensor) -> float:
-    _sync(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     model(ids, use_cache=False)
-    _sync(ids.device)
+    synchronize(ids.device)
     return time.perf_counter() - start
 
 
@@ -70,12 +66,12 @@ def _prefill_s(model: nn.Module, ids: torch.Tensor) -> float:
 def _decode_s_per_token(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     out = model(ids, use_cache=True)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     for _ in range(steps):
         out = model(token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    synchronize(ids.device)
     return (time.perf_counter() - start) / steps
 
 
