@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare .gpu/ (git-ignored) for benchmarks/gpu_check.sh on a CUDA machine that has no cfsp,
+# Prepare .gpu/ (in .gitignore) for benchmarks/gpu_check.sh on a CUDA machine that has no cfsp,
 # no pydantic and no network. Run here, in the repository root, with cfsp's venv:
 #
 #   benchmarks/gpu_bundle.sh [PYTHON_VERSION]     # default 3.12 (the GPU image's python3)
@@ -15,7 +15,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:-3.12}
 PY=${PYTHON:-.venv/bin/python}
-grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> "$(git rev-parse --git-path info/exclude)"
 mkdir -p .gpu/wheels .gpu/home/text
 versions=$("$PY" - <<'PY'
 from importlib.metadata import version
