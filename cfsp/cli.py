@@ -40,6 +40,19 @@ RemoteOpt = Annotated[
 ]
 
 
+DeviceOpt = Annotated[
+    str, typer.Option(help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
+]
+
+
+def _check_device(name: str) -> str:
+    """Resolve --device now (a usage error before any work); return the name unchanged."""
+    from cfsp.devices import resolve_device
+
+    resolve_device(name)
+    return name
+
+
 def _versions() -> str:
     """`cfsp X.Y.Z` and, one per line, Python's and the key libraries' installed versions."""
     import platform
@@ -134,12 +147,14 @@ def eval_cmd(
     dtype: DtypeOpt = "float32",
     out: Annotated[Path | None, typer.Option(help="Write the JSON result here.")] = None,
     trust_remote_code: RemoteOpt = False,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Perplexity of a model on text sources at an explicit context length; optionally zero-shot
     accuracy (--tasks) and speed/memory against the dense model (--speed --reference)."""
     from cfsp.config import EvalConfig, validate
     from cfsp.evaluation.from_spec import evaluate_model
 
+    _check_device(device)
     if out is not None:
         from cfsp.io import check_output_file
 
@@ -158,7 +173,7 @@ def eval_cmd(
     )
     if reference and not speed:
         raise UsageError("--reference is only used with --speed")
-    result = evaluate_model(model, cfg, dtype, trust_remote_code, reference)
+    result = evaluate_model(model, cfg, dtype, trust_remote_code, reference, device)
     for source, row in result["perplexity"].items():
         typer.echo(
             f"{model}  {source}  seqlen={row['seqlen']}  windows={row['windows']}  "
@@ -278,10 +293,7 @@ def prune_cmd(
             "by one block (opt-in; a safetensors directory or alias; compact export only)."
         ),
     ] = False,
-    device: Annotated[
-        str | None,
-        typer.Option(help="With --stream: auto (the GPU when there is one), cpu, cuda or cuda:N."),
-    ] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.config import CalibConfig, PruneConfig, validate
@@ -289,8 +301,7 @@ def prune_cmd(
     from cfsp.pruning import prune_to_checkpoint
 
     parse_shard_size(max_shard_size)  # a bad size fails now, not after the pruning
-    if device is not None and not stream:
-        raise UsageError("--device applies to --stream only (the in-memory engine runs on the CPU)")
+    _check_device(device)
 
     prune_values = {
         "budget": budget,
@@ -323,7 +334,7 @@ def prune_cmd(
         )
     else:
         manifest = prune_to_checkpoint(
-            model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, **options
+            model, calib_cfg, prune_cfg, out, dtype, trust_remote_code, device=device, **options
         )
     report = manifest["prune"]
     typer.echo(
@@ -582,6 +593,17 @@ app.add_typer(stage_app, name="stage")
 OutOpt = Annotated[Path, typer.Option("--out", help="Output directory of this stage.")]
 StageModelOpt = Annotated[str, typer.Option("--model", "-m", help="Dense model spec.")]
 BudgetOpt = Annotated[float, typer.Option(help="Budget (fraction of block parameters).")]
+StageDeviceOpt = Annotated[
+    str | None,
+    typer.Option(help="auto, cpu, cuda or cuda:N; overrides the params file's `device`."),
+]
+
+
+def _stage_params(path: Path, device: str | None):
+    """The params file, with `device` replaced when --device is given (checked first)."""
+    if device is None:
+        return _params(path)
+    return _params(path, [f"device={_check_device(device)}"])
 MethodOpt = Annotated[str, typer.Option(help="Method variant, e.g. cfsp or flap+reconstruct=liar.")]
 
 
@@ -614,9 +636,10 @@ def stage_capture(
     tokens: Annotated[Path, typer.Option()],
     out: OutOpt,
     params: ParamsOpt = Path("params.yaml"),
+    device: StageDeviceOpt = None,
 ):
     """One pass over the calibration tokens -> per-block statistics (stats.safetensors)."""
-    p = _params(params)
+    p = _stage_params(params, device)
     info = _run_stage("capture", p, model, out, {"prepare": tokens})
     typer.echo(f"{out}: statistics of {info['blocks']} blocks in {info['wall_s']:.1f}s")
 
@@ -632,9 +655,10 @@ def stage_allocate(
     plot_data: Annotated[
         Path | None, typer.Option(help="Also write per-block keep ratios as CSV (for dvc plots).")
     ] = None,
+    device: StageDeviceOpt = None,
 ):
     """Statistics + budget -> per-block keep ratios and kept indices (allocation.json/.png)."""
-    p = _params(params)
+    p = _stage_params(params, device)
     cfg = _prune_cfg(p, method, budget)
     if plot_data is not None:
         from cfsp.io import check_output_file
@@ -673,9 +697,10 @@ def stage_prune(
     budget: BudgetOpt,
     method: MethodOpt,
     params: ParamsOpt = Path("params.yaml"),
+    device: StageDeviceOpt = None,
 ):
     """Dense model + allocation -> physically pruned checkpoint (no compensation)."""
-    p = _params(params)
+    p = _stage_params(params, device)
     inputs = {"capture": stats, "allocate": allocation}
     info = _run_stage("prune", p, model, out, inputs, _prune_cfg(p, method, budget))
     typer.echo(f"{out}: {100 * info['achieved_fraction']:.2f}% of block parameters removed")
@@ -691,10 +716,11 @@ def stage_reconstruct(
     budget: BudgetOpt,
     method: MethodOpt,
     params: ParamsOpt = Path("params.yaml"),
+    device: StageDeviceOpt = None,
 ):
     """Dense model + allocation + statistics -> reconstructed checkpoint (the method's
     reconstruction folded into the kept channels)."""
-    p = _params(params)
+    p = _stage_params(params, device)
     cfg = _prune_cfg(p, method, budget)
     inputs = {"prepare": tokens, "capture": stats, "allocate": allocation}
     _run_stage("reconstruct", p, model, out, inputs, cfg)
@@ -707,10 +733,11 @@ def stage_recover(
     stats: Annotated[Path, typer.Option(help="Capture output (block angular distances).")],
     out: OutOpt,
     params: ParamsOpt = Path("params.yaml"),
+    device: StageDeviceOpt = None,
 ):
     """Checkpoint -> LoRA-healed checkpoint, adapters merged (params.yaml `recover`; when
     recover.enabled is false the input is passed through as hard links)."""
-    p = _params(params)
+    p = _stage_params(params, device)
     info = _run_stage("recover", p, "", out, {"reconstruct": checkpoint, "capture": stats})
     if not info.get("enabled", True):
         typer.echo(f"{out}: recovery disabled, checkpoint passed through")
@@ -731,13 +758,14 @@ def stage_evaluate(
         str | None,
         typer.Option(help="Dense model for speed ratios (when evaluate.speed.enabled)."),
     ] = None,
+    device: StageDeviceOpt = None,
 ):
     """Checkpoint -> metrics.json (perplexity at the configured seqlen, parameter count,
     zero-shot accuracy and speed when configured)."""
     from cfsp.io import write_json
     from cfsp.metrics import flatten
 
-    p = _params(params)
+    p = _stage_params(params, device)
     if metrics is not None:
         from cfsp.io import check_output_file
 

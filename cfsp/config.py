@@ -8,6 +8,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cfsp.devices import DEVICE_PATTERN
 from cfsp.engine.registry import ALLOCATIONS, CRITERIA, PRESETS, RECONSTRUCTIONS
 from cfsp.errors import UsageError
 
@@ -208,6 +209,7 @@ class Params(Strict):
     budgets: list[float] = Field(default_factory=lambda: [0.3], min_length=1)
     methods: list[str] = Field(default_factory=lambda: ["cfsp"], min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", pattern=DEVICE_PATTERN)  # cfsp.devices: auto, cpu, cuda[:N]
     output: str = "out"
     prepare: CalibConfig = CalibConfig()
     capture: CaptureConfig = CaptureConfig()

@@ -445,13 +445,14 @@ def generate_windows(
 
     Self-generated calibration text follows the model's own distribution, which guards the
     least-squares reconstruction against overfitting a small, foreign calibration set.
+    Sampling runs on the model's device (CUDA draws other samples than the CPU for a seed).
     """
     torch.manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     out = []
     for first in range(0, nsamples, batch_size):
         n = min(batch_size, nsamples - first)
-        prompt = torch.full((n, 1), start, dtype=torch.long)
+        prompt = torch.full((n, 1), start, dtype=torch.long, device=model.device)
         seqs = model.generate(
             prompt,
             attention_mask=torch.ones_like(prompt),
@@ -465,5 +466,5 @@ def generate_windows(
         )
         # Keep the BOS the model was prompted with where its tokenizer puts one before text.
         first = 0 if leading_bos(tokenizer) is not None else 1
-        out.append(seqs[:, first : first + seqlen])
+        out.append(seqs[:, first : first + seqlen].cpu())  # windows live on the CPU
     return torch.cat(out)

@@ -28,7 +28,11 @@ def check_evaluation(perplexity: list[str], tasks: list[str]) -> None:
 
 
 def check_params(params: Params) -> None:
-    """Every model, text source, task and output location of a params.yaml request."""
+    """Every model, text source, task, output location and the device of a params.yaml
+    request (`cuda` on a machine without one fails here, before Prefect starts)."""
+    from cfsp.devices import resolve_device
+
+    resolve_device(params.device)
     for model in params.models:
         check_model_spec(model)
     check_source(params.prepare.source, "calibration")

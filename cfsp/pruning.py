@@ -12,6 +12,7 @@ import torch
 from cfsp import __version__
 from cfsp.config import CalibConfig, PruneConfig
 from cfsp.data import TokenWindows, calibration_windows, check_source
+from cfsp.devices import resolve_device
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import PruneReport, prune_model
 from cfsp.engine.target import Target
@@ -146,12 +147,15 @@ def prune_to_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = MAX_SHARD_SIZE,
     export: str | list[str] = "compact",
+    device: str | None = "cpu",
 ) -> dict:
-    """Calibrate, capture, prune and reconstruct; write a checkpoint directory to `out`
+    """Calibrate, capture, prune and reconstruct on `device` (cfsp.devices: auto, cpu, cuda:N);
+    write a checkpoint directory to `out`
     (weights in shards of at most `max_shard_size`, with an index, when larger).
 
     `export`: compact, padded, uniform or a list (cfsp.export); the first kind goes to `out`,
     each other one beside it (`OUT-padded`). The manifest's `exports` says where each is."""
+    torch_device = resolve_device(device)
     out = check_writable_parent(out)
     kinds = parse_exports(export)
     dirs = export_dirs(out, kinds)
@@ -165,6 +169,7 @@ def prune_to_checkpoint(
     timings = {}
     t0 = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded.model.to(torch_device)
     signal_point("load")  # tests only: an interrupt before anything is written
     check_exports(loaded.model.config, prune, kinds)
     windows = calibration_windows(
@@ -182,6 +187,7 @@ def prune_to_checkpoint(
         dtype=dtype,
         exports={kind: str(folder) for kind, folder in dirs.items()},
     )
+    loaded.model.to("cpu")  # the checkpoint is written from host memory
     for kind, folder in dirs.items():
         with atomic_dir(folder) as tmp:
             save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest, kind, max_shard_size)

@@ -312,6 +312,7 @@ def train_lora(
         "trainable_params": sum(p.numel() for p in params),
         "losses": losses,
         "wall_s": time.perf_counter() - t0,
+        "device": str(device),
     }
     return peft_model, record
 

@@ -201,3 +201,11 @@ def test_usage_errors_are_not_retried():
     with pytest.raises(OSError):
         run(OSError)
     assert calls == [UsageError, OSError, OSError]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without CUDA")
+def test_cuda_device_without_cuda_fails_before_any_work(proj, tmp_path, capsys, offline):
+    params = write_params(proj, tmp_path, device="cuda:0")
+    line = one_error(capsys, ["run", "--params", params])
+    assert "--device cuda:0: no CUDA device is available here" in line
+    assert not (tmp_path / "out").exists()

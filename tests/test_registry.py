@@ -34,6 +34,8 @@ def test_dvc_stage_agrees_with_the_registry(name):
     assert len(_outs(dvc)) == 1
     assert ("method" in dvc["matrix"]) == stage.per_method
     assert dvc["cmd"].startswith(f"cfsp stage {stage.command} ")
+    # params.yaml's device reaches every stage that declares it, on DVC's command line too
+    assert ("--device ${device}" in dvc["cmd"]) == ("device" in stage.params)
     assert all((ROOT / path).exists() for path in stage.code)
 
 
@@ -55,8 +57,12 @@ def test_cache_keys_follow_the_declared_sections():
     assert cache_key("allocate", ["k"], base, run) != cache_key("allocate", ["k"], base, {})
     assert cache_key("capture", ["k"], base, run) == cache_key("capture", ["k"], base, {})
     assert set(sections("recover", base)) == {
-        "recover", "allocate.temperature", "allocate.control", "dtype"
+        "recover", "allocate.temperature", "allocate.control", "dtype", "device"
     }  # fmt: skip
+    on_cpu = base.model_copy(update={"device": "cpu"})
+    for name in STAGES:  # the device is part of the key of every stage that runs the model
+        moved = cache_key(name, ["k"], base, run) != cache_key(name, ["k"], on_cpu, run)
+        assert moved == (name != "prepare"), name
     assert not enabled("recover", base) and enabled("prune", base)
 
 

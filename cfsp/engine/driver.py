@@ -21,6 +21,7 @@ from cfsp.arch import DecoderAdapter
 from cfsp.arch.base import head_rows
 from cfsp.config import PruneConfig
 from cfsp.data import TokenWindows
+from cfsp.devices import math_dtype
 from cfsp.engine.allocate import achieved_fraction, check_budget
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.importance import fine_scores
@@ -46,8 +47,10 @@ class PruneReport:
     achieved_fraction: float
     errors: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    compute: dict = field(default_factory=dict)  # device and math dtype of the statistics math
 
     def to_dict(self) -> dict:
+        compute = {"compute": self.compute} if self.compute else {}
         return {
             "config": self.config,
             "budget_counts": "fraction of decoder-block weight parameters (q,k,v,o,gate,up,down)",
@@ -59,6 +62,7 @@ class PruneReport:
             "kept": [p.to_dict() for p in self.plans],
             "reconstruction_error": self.errors,
             "timings_s": self.timings,
+            **compute,
         }
 
 
@@ -125,7 +129,9 @@ def enable_biases(target: Target) -> dict[str, bool]:
 
 def _zero_bias(layer) -> None:
     if layer.bias is None:
-        layer.bias = torch.nn.Parameter(torch.zeros(layer.out_features, dtype=layer.weight.dtype))
+        w = layer.weight  # beside it; a meta skeleton (the streamed engine's) gets real zeros
+        device = None if w.device.type == "meta" else w.device
+        layer.bias = torch.nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=device))
 
 
 def settle_biases(target: Target, stock: dict[str, bool]) -> list[str]:
@@ -181,11 +187,11 @@ def prune_block(
         ("o", p.o, stats.o, head_rows(plan.heads, head_dim)),
         ("down", p.down, stats.down, torch.tensor(plan.channels)),
     ):
+        keep = keep.to(layer.weight.device)
         w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)
-        plain_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.double()
-        row[f"{name}_before"] = relative_error(
-            layer.weight, layer.bias, st, keep, layer.weight.double()[:, keep], plain_b
-        )
+        plain_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.to(b_new.dtype)
+        plain_w = layer.weight.to(w_new.dtype)[:, keep]
+        row[f"{name}_before"] = relative_error(layer.weight, layer.bias, st, keep, plain_w, plain_b)
         row[f"{name}_after"] = relative_error(layer.weight, layer.bias, st, keep, w_new, b_new)
         folded[name] = (w_new, b_new)
     apply_plan(adapter, block, plan, head_dim)
@@ -239,7 +245,10 @@ def prune_model(
     if stock_bias is not None:
         settle_biases(target, stock_bias)
     timings = {"plan": t_plan - t0, "prune_reconstruct": time.perf_counter() - t_plan}
-    return prune_report(before, plan, cfg, errors, timings)
+    report = prune_report(before, plan, cfg, errors, timings)
+    device = next(target.model.parameters()).device
+    report.compute = {"device": str(device), "math_dtype": str(math_dtype(device)).split(".")[-1]}
+    return report
 
 
 def prune_report(

@@ -18,7 +18,9 @@ A head's score is the sum of its hd channel scores.
 
 Every criterion is one function here, named in `cfsp.engine.registry.CRITERIA`:
 (W_out [d, n], producers [[n, d], ...], `ChannelStats` of the n inputs, exponent c, seeded
-generator) -> scores [n], float64; higher means keep.
+generator) -> scores [n], on the weights' device in its `cfsp.devices.math_dtype` (the
+statistics are moved there first); `fine_scores` hands them back on the CPU in float64, where
+the allocation runs. Higher means keep.
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ from __future__ import annotations
 import torch
 
 from cfsp.arch import BlockParts
+from cfsp.devices import math_dtype
 from cfsp.engine.registry import CRITERIA
 from cfsp.engine.statistics import BlockStats, ChannelStats
 
 
+def _math(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().to(math_dtype(weight.device))
+
+
 def relative_importance(weight: torch.Tensor) -> torch.Tensor:
     """RI_ik = |A_ik| / row sum + |A_ik| / column sum, for A [out, in]."""
-    a = weight.detach().abs().double()
+    a = weight.detach().abs().to(math_dtype(weight.device))
     return a / a.sum(1, keepdim=True).clamp_min(1e-12) + a / a.sum(0, keepdim=True).clamp_min(1e-12)
 
 
@@ -48,19 +55,20 @@ def act_norm_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen
 
 
 def wanda_sp_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
-    return out_proj.detach().double().abs().mean(0) * stats.norm
+    return _math(out_proj).abs().mean(0) * stats.norm
 
 
 def flap_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
-    return stats.var * out_proj.detach().double().pow(2).sum(0)
+    return stats.var * _math(out_proj).pow(2).sum(0)
 
 
 def magnitude_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
-    return out_proj.detach().double().pow(2).sum(0).sqrt()
+    return _math(out_proj).pow(2).sum(0).sqrt()
 
 
 def random_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
-    return torch.rand(out_proj.shape[1], generator=gen, dtype=torch.float64)
+    scores = torch.rand(out_proj.shape[1], generator=gen, dtype=torch.float64)  # CPU generator
+    return scores.to(out_proj.device)
 
 
 def fine_scores(
@@ -72,13 +80,14 @@ def fine_scores(
     seed: int = 0,
     block_index: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (head scores [H], FFN channel scores [m]) for one block, float64."""
+    """Return (head scores [H], FFN channel scores [m]) for one block, float64 on the CPU."""
     score = CRITERIA[criterion]
     gen = torch.Generator().manual_seed(seed * 100_003 + block_index)
-    channels = score(
-        parts.down.weight, [parts.up.weight, parts.gate.weight], stats.down, exponent, gen
-    )
+    device = parts.down.weight.device
+    dtype = math_dtype(device)
+    down, o = stats.down.to(device, dtype), stats.o.to(device, dtype)
+    channels = score(parts.down.weight, [parts.up.weight, parts.gate.weight], down, exponent, gen)
     # W_q rows of head h are the producers of W_o's input channels of head h.
-    per_channel = score(parts.o.weight, [parts.q.weight], stats.o, exponent, gen)
+    per_channel = score(parts.o.weight, [parts.q.weight], o, exponent, gen)
     heads = per_channel.view(-1, head_dim).sum(1)
-    return heads, channels
+    return heads.to("cpu", torch.float64), channels.to("cpu", torch.float64)

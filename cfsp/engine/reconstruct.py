@@ -8,11 +8,13 @@ statistics (mean mu, covariance C of x):
         fold:  W_S' = W_S + W_P Q,   b' = b + W_P p
   bias  Q = 0:  W_S' = W_S,  b' = b + W_P mu_P        (FLAP's compensation)
   none  W_S' = W_S,  b' = b
-Solved in float64 with Cholesky; if the damped matrix is still not positive definite the
-damping grows tenfold until it is. The relative output error on calibration data,
+Solved with Cholesky on the weight's device in `cfsp.devices.math_dtype` (float64 on the CPU,
+float32 on CUDA; the damping keeps the float32 system well conditioned: cond <= 1 + max eig /
+lambda); if the damped matrix is still not positive definite the damping grows tenfold until
+it is. The relative output error on calibration data,
   E = E_x ||(W x + b) - (W_S' x_S + b')||^2 / E_x ||W x + b||^2,
 is computed exactly from the same statistics (`relative_error`).
-Each method is one function (W [n_out, n] and b [n_out] in float64, `ChannelStats`, kept S,
+Each method is one function (W [n_out, n] and b [n_out] in the math dtype, `ChannelStats`, kept S,
 pruned P) -> (W_S', b'), named in `cfsp.engine.registry.RECONSTRUCTIONS`.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from cfsp.devices import math_dtype
 from cfsp.engine.registry import RECONSTRUCTIONS
 from cfsp.engine.statistics import ChannelStats
 
@@ -32,11 +35,16 @@ def fold(
     method: str,
     damping: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Return (W_S' [n_out, |S|], b' [n_out]) in float64, by the registered `method`."""
+    """Return (W_S' [n_out, |S|], b' [n_out]) on the weight's device in its math dtype, by the
+    registered `method` (statistics and kept indices are moved there first)."""
     solve = RECONSTRUCTIONS[method]
-    w = weight.detach().double()
-    b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.detach().double()
-    mask = torch.ones(w.shape[1], dtype=torch.bool)
+    device = weight.device
+    dtype = math_dtype(device)
+    w = weight.detach().to(dtype)
+    b = torch.zeros(w.shape[0], dtype=dtype, device=device) if bias is None else bias.to(dtype)
+    stats = stats.to(device, dtype)
+    keep = torch.as_tensor(keep, device=device)
+    mask = torch.ones(w.shape[1], dtype=torch.bool, device=device)
     mask[keep] = False
     pruned = mask.nonzero().squeeze(1)
     if pruned.numel() == 0:
@@ -72,7 +80,7 @@ def liar_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
 def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
     scale = float(a.diagonal().mean().clamp_min(0))
     lam = damping * scale if scale > 0 else 1e-8
-    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for _ in range(8):
         chol, info = torch.linalg.cholesky_ex(a + lam * eye)
         if int(info) == 0:
@@ -94,12 +102,13 @@ def relative_error(
     A report, not a solve: the quadratic forms run in float32 (4x faster on CPU, ~1e-5 rel.).
     """
     w = weight.detach().float()
-    b = torch.zeros(w.shape[0]) if bias is None else bias.detach().float()
+    device = w.device
+    b = torch.zeros(w.shape[0], device=device) if bias is None else bias.detach().float()
     delta = w.clone()
-    delta[:, keep] -= new_weight.float()
-    delta_b = b - new_bias.float()
-    second = (stats.gram / stats.count).float()  # E[x x^T]
-    mu = stats.mean.float()
+    delta[:, torch.as_tensor(keep, device=device)] -= new_weight.to(device).float()
+    delta_b = b - new_bias.to(device).float()
+    second = (stats.gram.to(device) / stats.count).float()  # E[x x^T]
+    mu = stats.mean.to(device).float()
 
     def energy(m: torch.Tensor, c: torch.Tensor) -> float:
         return float(((m @ second) * m).sum() + 2 * c @ (m @ mu) + c @ c)

@@ -1,7 +1,8 @@
 """Calibration statistics: what capture collects and every later step reads.
 
 For the input X [T, n] of o_proj (n = heads * head_dim) and of down_proj (n = FFN width):
-  count T, sum_j X_tj, and the Gram matrix G = X^T X [n, n], accumulated in float64.
+  count T, sum_j X_tj, and the Gram matrix G = X^T X [n, n], accumulated on the activations'
+  device in `cfsp.devices.math_dtype` (float64 on the CPU, float32 on CUDA).
   mean mu = sum / T;  ||X_j||^2 = G_jj;  var_j = G_jj / T - mu_j^2;  C = G / T - mu mu^T.
 For block l with input h_l and output h_{l+1} [N, L, d] (residual included):
   angular_l = mean_t arccos(cos(h_{l,t}, h_{l+1,t})) / pi      (NaN cos -> 0.5)
@@ -12,12 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from cfsp.devices import math_dtype
 from cfsp.errors import CfspError
 from cfsp.io import atomic_file
 
@@ -43,13 +45,25 @@ class ChannelStats:
 
     @classmethod
     def empty(cls, n: int) -> ChannelStats:
-        return cls(0, torch.zeros(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64))
+        """Zeros on the current default device (the block loop sets it to the block's), in
+        that device's `math_dtype`."""
+        dtype = math_dtype()
+        return cls(0, torch.zeros(n, dtype=dtype), torch.zeros(n, n, dtype=dtype))
 
     def add(self, x: torch.Tensor, gram_dtype: torch.dtype = torch.float32) -> None:
         x = finite_rows(x, gram_dtype)  # [T, n]
         self.count += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.gram += (x.T @ x).to(torch.float64)
+        self.sum += x.sum(0, dtype=self.sum.dtype)
+        self.gram += (x.T @ x).to(self.gram.dtype)
+
+    def to(self, device: torch.device, dtype: torch.dtype):
+        """The same statistics with every tensor on `device` in `dtype` (self if already)."""
+        moved = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                moved[f.name] = value.to(device=device, dtype=dtype)
+        return replace(self, **moved)
 
     @property
     def mean(self) -> torch.Tensor:
@@ -95,8 +109,8 @@ class Statistics:
         tensors, meta = {}, {"fingerprint": self.fingerprint, "wall_s": self.wall_s, "blocks": []}
         for i, b in enumerate(self.blocks):
             for name, st in (("o", b.o), ("down", b.down)):
-                tensors[f"{i}.{name}.sum"] = st.sum
-                tensors[f"{i}.{name}.gram"] = st.gram
+                tensors[f"{i}.{name}.sum"] = st.sum.cpu()
+                tensors[f"{i}.{name}.gram"] = st.gram.cpu()
             meta["blocks"].append(
                 {
                     "angular": b.angular,
@@ -129,7 +143,10 @@ class Statistics:
 
 
 def angular_distance(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
-    """arccos(cos(h_in, h_out)) / pi per token, NaN cosines (zero vectors) as 0.5. [B, L]"""
+    """arccos(cos(h_in, h_out)) / pi per token, NaN cosines (zero vectors) as 0.5. [B, L]
+
+    float64 on every device: arccos near cos = 1 magnifies float32 rounding (about 3e-4 rad),
+    and this elementwise pass is cheap next to the block's forward."""
     cos = torch.nn.functional.cosine_similarity(h_in.double(), h_out.double(), dim=-1)
     cos = torch.nan_to_num(cos, nan=0.0)
     return torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi

@@ -6,7 +6,8 @@ masks / rotary tables run on to the first block of each type to catch those). Th
 runs on the previous block's outputs, [N, L, d] split in batches, while hooks on o_proj and
 down_proj accumulate their inputs' statistics (`ChannelStats`). Memory: the model, one set of
 activations, and the statistics of one block. The Gram product of each batch runs in float32
-(fast BLAS, or `gram_dtype`), the sums across batches are float64.
+(fast BLAS, or `gram_dtype`), the sums across batches in `cfsp.devices.math_dtype` of the
+block's device (float64 on the CPU, float32 on CUDA), on that device.
 
 `BlockStream.walk` is the only such loop: capture walks the dense model; sequential
 reconstruction walks it while pruning each block after its statistics are taken, so the next
@@ -112,8 +113,9 @@ def run_block(
     `empty(n)` makes the statistics of n input channels (the streamed engine's first pass keeps
     O(n) moments instead of the Gram matrix).
     """
-    o_stats = empty(parts.o.in_features)
-    down_stats = empty(parts.down.in_features)
+    with torch.device(parts.o.weight.device):  # the statistics live where the block runs
+        o_stats = empty(parts.o.in_features)
+        down_stats = empty(parts.down.in_features)
     hooks = [
         parts.o.register_forward_pre_hook(_accumulate(o_stats, gram_dtype)),
         parts.down.register_forward_pre_hook(_accumulate(down_stats, gram_dtype)),

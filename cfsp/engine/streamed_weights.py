@@ -21,27 +21,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from cfsp.errors import CfspError, UsageError
+from cfsp.devices import resolve_device  # noqa: F401  (re-exported: one resolver)
+from cfsp.errors import CfspError
 from cfsp.io import read_json
 
 INDEX = "model.safetensors.index.json"
-
-
-def resolve_device(name: str | None) -> torch.device:
-    """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`; else a usage error."""
-    name = (name or "auto").strip()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is available here")
-        index = int(name[5:]) if ":" in name else 0
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
-        return torch.device("cuda", index)
-    raise UsageError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
 
 
 class CheckpointReader:

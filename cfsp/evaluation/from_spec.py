@@ -8,6 +8,7 @@ import time
 from cfsp import __version__
 from cfsp.config import EvalConfig
 from cfsp.data import evaluation_windows
+from cfsp.devices import resolve_device
 from cfsp.evaluation.perplexity import perplexity
 from cfsp.models import LoadedModel, check_model_spec, count_params, load_model
 from cfsp.preflight import check_evaluation
@@ -21,18 +22,22 @@ def evaluate_model(
     dtype: str = "float32",
     trust_remote_code: bool = False,
     reference: str | None = None,
+    device: str | None = "cpu",
 ) -> dict:
-    """Load the model once, score each text source; return a JSON-ready result.
+    """Load the model once onto `device` (cfsp.devices), score each text source; return a
+    JSON-ready result.
 
     With cfg.speed.enabled, speed and memory are measured too: against `reference` (the dense
     model, loaded into the same process, every figure also as a ratio) or alone without one.
     """
+    torch_device = resolve_device(device)
     check_model_spec(model_spec, trust_remote_code)
     check_evaluation(cfg.perplexity, cfg.tasks)
     if reference is not None:
         check_model_spec(reference, trust_remote_code)
     start = time.perf_counter()
     loaded = load_model(model_spec, dtype=dtype, trust_remote_code=trust_remote_code)
+    loaded.model.to(torch_device)
     result = evaluate_loaded(loaded, cfg, reference, trust_remote_code)
     result.update(dtype=dtype, wall_s=round(time.perf_counter() - start, 3))
     return result
@@ -44,7 +49,8 @@ def evaluate_loaded(
     reference: str | None = None,
     trust_remote_code: bool = False,
 ) -> dict:
-    """Score a model already in memory (perplexity per source, zero-shot tasks, speed)."""
+    """Score a model already in memory, on the device it is on (perplexity per source,
+    zero-shot tasks, speed; the dense `reference` is loaded onto the same device)."""
     start = time.perf_counter()
     # Build every window set first: a bad source fails before minutes of scoring.
     windows = {
@@ -79,6 +85,7 @@ def evaluate_loaded(
         "model_path": loaded.path,
         "revision": loaded.revision,
         "dtype": str(next(loaded.model.parameters()).dtype).removeprefix("torch."),
+        "device": str(next(loaded.model.parameters()).device),
         "params": count_params(loaded.model),
         "seqlen": cfg.seqlen,
         "limit": cfg.limit,
@@ -97,6 +104,7 @@ def _speed(model, cfg: EvalConfig, reference: str | None, trust_remote_code: boo
     if reference is None:
         return {"config": cfg.speed.model_dump(), "dtypes": measure({"model": model}, cfg.speed)}
     dense = load_model(reference, dtype="float32", trust_remote_code=trust_remote_code).model
+    dense.to(next(model.parameters()).device)
     result = compare(dense, model, cfg.speed)
     for dtype, row in result["dtypes"].items():
         log.info(

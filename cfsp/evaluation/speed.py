@@ -7,7 +7,10 @@ For a batch of B sequences of L tokens (random ids, fixed seed):
                           (weights of every nn.Linear incl. lm_head, plus QK^T and AV at the
                           mean causal context of a length-L prefill; d_attn_l = heads_l * head_dim)
     peak memory         = parameters + buffers + peak live activations of one prefill
-                          [MiB] (CPU: live storages under a dispatch mode; CUDA: max allocated)
+                          [MiB] (CPU: live storages under a dispatch mode; CUDA: the
+                          allocator's peak during the prefill less the other tensors it holds)
+    peak RSS            = the process's peak resident host memory so far [MiB], beside it
+On CUDA every timing is bracketed by torch.cuda.synchronize (kernels run asynchronously).
 Each timing is a median over `repeats` after `warmup` runs. `compare` interleaves the two models
 (dense, pruned, dense, pruned, ...) so drift of the machine hits both alike, and reports every
 figure as pruned / dense. Both models are cast to each dtype in turn (fp32, bf16).
@@ -27,6 +30,8 @@ from torch.utils._pytree import tree_leaves
 
 from cfsp.arch import adapter_for
 from cfsp.config import SpeedConfig
+from cfsp.devices import synchronize
+from cfsp.engine.capture import peak_rss_mib
 from cfsp.models import DTYPES, count_params
 
 
@@ -42,11 +47,6 @@ def macs_per_token(model: nn.Module, context: int) -> int:
     return linear + attention
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _ids(model: nn.Module, batch: int, seqlen: int, seed: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     vocab = model.get_input_embeddings().num_embeddings
@@ -55,10 +55,10 @@ def _ids(model: nn.Module, batch: int, seqlen: int, seed: int) -> torch.Tensor:
 
 @torch.no_grad()
 def _prefill_s(model: nn.Module, ids: torch.Tensor) -> float:
-    _sync(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     model(ids, use_cache=False)
-    _sync(ids.device)
+    synchronize(ids.device)
     return time.perf_counter() - start
 
 
@@ -66,12 +66,12 @@ def _prefill_s(model: nn.Module, ids: torch.Tensor) -> float:
 def _decode_s_per_token(model: nn.Module, ids: torch.Tensor, steps: int) -> float:
     out = model(ids, use_cache=True)
     cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    synchronize(ids.device)
     start = time.perf_counter()
     for _ in range(steps):
         out = model(token, past_key_values=cache, use_cache=True)
         cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
-    _sync(ids.device)
+    synchronize(ids.device)
     return (time.perf_counter() - start) / steps
 
 
@@ -110,13 +110,16 @@ class _LiveBytes(TorchDispatchMode):
 @torch.no_grad()
 def peak_memory_mib(model: nn.Module, ids: torch.Tensor) -> float:
     """Parameters + buffers + the peak of live activations during one prefill, in MiB."""
-    if ids.device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(ids.device)
-        model(ids, use_cache=False)
-        return torch.cuda.max_memory_allocated(ids.device) / 2**20
     tensors = {t.untyped_storage().data_ptr(): t for t in [*model.parameters(), *model.buffers()]}
     weights = sum(t.untyped_storage().nbytes() for t in tensors.values())
+    if ids.device.type == "cuda":  # the allocator's own peak, less what other tensors hold
+        torch.cuda.synchronize(ids.device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(ids.device)
+        before = torch.cuda.memory_allocated(ids.device)
+        model(ids, use_cache=False)
+        torch.cuda.synchronize(ids.device)
+        return (torch.cuda.max_memory_allocated(ids.device) - before + weights) / 2**20
     with _LiveBytes(exclude=set(tensors)) as tracker:
         model(ids, use_cache=False)
     return (weights + tracker.peak) / 2**20
@@ -149,6 +152,7 @@ def _timings(models: dict[str, nn.Module], cfg: SpeedConfig) -> dict[str, dict]:
             "prefill_ms": 1e3 * t_prefill,
             "decode_ms_per_token": 1e3 * statistics.median(decode[name]),
             "peak_memory_mib": peak_memory_mib(model, ids[name]),
+            "peak_rss_mib": round(peak_rss_mib(), 1),  # the process's, host memory
         }
     return out
 
@@ -173,7 +177,13 @@ def compare(dense: nn.Module, pruned: nn.Module, cfg: SpeedConfig) -> dict:
     dense MACs / pruned MACs, the speed-up a perfectly efficient kernel would give.
     """
     raw = measure({"dense": dense, "pruned": pruned}, cfg)
-    out = {"config": cfg.model_dump(), "threads": torch.get_num_threads(), "dtypes": {}}
+    device = str(next(pruned.parameters()).device)
+    out = {
+        "config": cfg.model_dump(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "dtypes": {},
+    }
     for dtype, figures in raw.items():
         d, p = figures["dense"], figures["pruned"]
         out["dtypes"][dtype] = {

@@ -70,26 +70,29 @@ def _prepare(ctx: StageContext) -> dict:
 
 
 def _capture(ctx: StageContext) -> dict:
-    batch = ctx.sections["capture"]["batch_size"]
-    dtype = ctx.sections["dtype"]
-    return stages.capture_stage(ctx.model, ctx.inputs["prepare"], ctx.out, batch, dtype)
+    s = ctx.sections
+    tokens, batch = ctx.inputs["prepare"], s["capture"]["batch_size"]
+    return stages.capture_stage(ctx.model, tokens, ctx.out, batch, s["dtype"], s["device"])
 
 
 def _allocate(ctx: StageContext) -> dict:
     stats, dtype = ctx.inputs["capture"], ctx.sections["dtype"]
-    return stages.allocate_stage(ctx.model, stats, _prune(ctx), ctx.out, dtype)
+    return stages.allocate_stage(
+        ctx.model, stats, _prune(ctx), ctx.out, dtype, ctx.sections["device"]
+    )
 
 
 def _prune_call(ctx: StageContext) -> dict:
-    stats, alloc = ctx.inputs["capture"], ctx.inputs["allocate"]
-    return stages.prune_stage(ctx.model, stats, alloc, _prune(ctx), ctx.out, ctx.sections["dtype"])
+    stats, alloc, s = ctx.inputs["capture"], ctx.inputs["allocate"], ctx.sections
+    cfg = _prune(ctx)
+    return stages.prune_stage(ctx.model, stats, alloc, cfg, ctx.out, s["dtype"], s["device"])
 
 
 def _reconstruct(ctx: StageContext) -> dict:
     i = ctx.inputs
     return stages.reconstruct_stage(
         ctx.model, i["allocate"], i["capture"], _prune(ctx), ctx.out, i["prepare"],
-        ctx.sections["dtype"],
+        ctx.sections["dtype"], ctx.sections["device"],
     )  # fmt: skip
 
 
@@ -97,14 +100,14 @@ def _recover(ctx: StageContext) -> dict:
     s = ctx.sections
     return stages.recover_stage(
         ctx.inputs["reconstruct"], ctx.inputs["capture"], RecoverConfig(**s["recover"]), ctx.out,
-        s["dtype"], s["allocate.temperature"], s["allocate.control"],
+        s["dtype"], s["allocate.temperature"], s["allocate.control"], device=s["device"],
     )  # fmt: skip
 
 
 def _evaluate(ctx: StageContext) -> dict:
     cfg, dtype = EvalConfig(**ctx.sections["evaluate"]), ctx.sections["dtype"]
     model = str(ctx.inputs.get("recover", ctx.model))
-    return stages.evaluate_stage(model, cfg, ctx.out, dtype, ctx.reference)
+    return stages.evaluate_stage(model, cfg, ctx.out, dtype, ctx.reference, ctx.sections["device"])
 
 
 CHECKPOINT = (MANIFEST,)  # a checkpoint is identified by its manifest's files_sha256
@@ -115,23 +118,23 @@ STAGES: dict[str, Stage] = {
         Stage("prepare", _prepare, (), (stages.TOKENS, "prepare.json"), ("prepare", "dtype"),
               ("cfsp/data.py", "cfsp/embedded.py", RUNNER), per_method=False),
         Stage("capture", _capture, ("prepare",), (stages.STATS, "capture.json"),
-              ("capture", "dtype"), ("cfsp/engine", RUNNER), per_method=False),
+              ("capture", "dtype", "device"), ("cfsp/engine", RUNNER), per_method=False),
         Stage("evaluate-dense", _evaluate, (), (stages.METRICS, "evaluate.json"),
-              ("evaluate", "dtype"), ("cfsp/evaluation", RUNNER), per_method=False),
+              ("evaluate", "dtype", "device"), ("cfsp/evaluation", RUNNER), per_method=False),
         Stage("allocate", _allocate, ("capture",), (stages.ALLOCATION, "allocation.png"),
-              ("allocate", "reconstruct", "dtype"),
+              ("allocate", "reconstruct", "dtype", "device"),
               ("cfsp/engine", RUNNER),
               per_method=True),
-        Stage("prune", _prune_call, ("capture", "allocate"), CHECKPOINT, ("dtype",),
+        Stage("prune", _prune_call, ("capture", "allocate"), CHECKPOINT, ("dtype", "device"),
               ("cfsp/engine", "cfsp/export.py", RUNNER), per_method=True),
         Stage("reconstruct", _reconstruct, ("prepare", "capture", "allocate"), CHECKPOINT,
-              ("allocate", "reconstruct", "dtype"),
+              ("allocate", "reconstruct", "dtype", "device"),
               ("cfsp/engine", RUNNER), per_method=True),
         Stage("recover", _recover, ("capture", "reconstruct"), CHECKPOINT,
-              ("recover", "allocate.temperature", "allocate.control", "dtype"),
+              ("recover", "allocate.temperature", "allocate.control", "dtype", "device"),
               ("cfsp/recover.py", RUNNER), per_method=True, enabled_by="recover.enabled"),
         Stage("evaluate", _evaluate, ("recover",), (stages.METRICS, "evaluate.json"),
-              ("evaluate", "dtype"), ("cfsp/evaluation", RUNNER), per_method=True),
+              ("evaluate", "dtype", "device"), ("cfsp/evaluation", RUNNER), per_method=True),
     )
 }  # fmt: skip
 

@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
 from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash
+from cfsp.devices import resolve_device
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import plan_pruning, prune_model
 from cfsp.engine.plan import PrunePlan
@@ -93,12 +94,19 @@ def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float3
 
 
 def capture_stage(
-    model_spec: str, tokens: Path, out: Path, batch_size: int = 8, dtype: str = "float32"
+    model_spec: str,
+    tokens: Path,
+    out: Path,
+    batch_size: int = 8,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> dict:
-    """One pass over the calibration tokens; writes per-block statistics."""
+    """One pass over the calibration tokens on `device`; writes per-block statistics."""
+    torch_device = resolve_device(device)
     check_output_dir(out)
     windows = _load_tokens(tokens)
     loaded = load_model(model_spec, dtype=dtype)
+    loaded.model.to(torch_device)
     stats = capture(loaded.model, windows, batch_size=batch_size)
     with atomic_dir(out) as tmp:
         stats.save(tmp / STATS)
@@ -109,6 +117,7 @@ def capture_stage(
                 "wall_s": stats.wall_s,
                 "angular": [b.angular for b in stats.blocks],
                 "batch_size": batch_size,
+                "device": str(torch_device),
             },
         )
     return {"wall_s": stats.wall_s, "blocks": len(stats.blocks)}
@@ -127,12 +136,20 @@ def _load_stats(path: Path) -> Statistics:
 
 
 def allocate_stage(
-    model_spec: str, stats_path: Path, cfg: PruneConfig, out: Path, dtype: str = "float32"
+    model_spec: str,
+    stats_path: Path,
+    cfg: PruneConfig,
+    out: Path,
+    dtype: str = "float32",
+    device: str = "cpu",
 ) -> dict:
-    """Per-block keep ratios and kept indices, with a plot against the angular distances."""
+    """Per-block keep ratios and kept indices, with a plot against the angular distances
+    (fine scores computed on `device`)."""
+    torch_device = resolve_device(device)
     check_output_dir(out)
     stats = _load_stats(stats_path)
     loaded = load_model(model_spec, dtype=dtype)
+    loaded.model.to(torch_device)
     start = time.perf_counter()
     alloc = plan_pruning(loaded.model, stats, cfg)
     payload = {
@@ -163,11 +180,14 @@ def _slice(
     out: Path,
     dtype: str,
     tokens: Path | None,
+    device: str = "cpu",
 ) -> dict:
+    torch_device = resolve_device(device)
     check_output_dir(out)
     stats = _load_stats(stats_path)
     windows = _load_tokens(tokens) if tokens is not None else None
     loaded = load_model(model_spec, dtype=dtype)
+    loaded.model.to(torch_device)
     params_before = count_params(loaded.model)
     start = time.perf_counter()
     report = prune_model(loaded.model, stats, cfg, windows=windows, plan=alloc)
@@ -179,6 +199,7 @@ def _slice(
         params_before,
         {"capture": stats.wall_s, "slice": round(time.perf_counter() - start, 3)},
     )
+    loaded.model.to("cpu")  # written from host memory
     with atomic_dir(out) as tmp:
         save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest)
     return {"achieved_fraction": report.achieved_fraction, "params_after": manifest["params_after"]}
@@ -205,11 +226,12 @@ def prune_stage(
     cfg: PruneConfig,
     out: Path,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> dict:
     """Slice the dense model to the allocation, with no compensation."""
     cfg = cfg.model_copy(update={"reconstruct": "none"})
     alloc = _load_allocation(allocation_path)
-    return _slice(model_spec, stats_path, alloc, cfg, out, dtype, None)
+    return _slice(model_spec, stats_path, alloc, cfg, out, dtype, None, device)
 
 
 def reconstruct_stage(
@@ -220,9 +242,10 @@ def reconstruct_stage(
     out: Path,
     tokens: Path | None = None,
     dtype: str = "float32",
+    device: str = "cpu",
 ) -> dict:
     """Slice the dense model to the allocation artifact's kept indices, folding the pruned
-    inputs into the kept ones (cfg.reconstruct)."""
+    inputs into the kept ones (cfg.reconstruct), on `device`."""
     alloc = _load_allocation(allocation_path)
     return _slice(
         model_spec,
@@ -232,6 +255,7 @@ def reconstruct_stage(
         out,
         dtype,
         tokens if cfg.stats == "sequential" else None,
+        device,
     )
 
 
@@ -257,6 +281,7 @@ def recover_stage(
     temperature: float = 1.0,
     control: float = 1.0,
     on_step=None,
+    device: str = "cpu",
 ) -> dict:
     """LoRA on the pruned checkpoint, merged back (cfsp.recover); ranks follow the blocks' coarse
     importance when cfg.mode == "ig". Disabled: `out` is the input checkpoint, hard-linked."""
@@ -265,6 +290,7 @@ def recover_stage(
     from cfsp.engine.allocate import coarse_scores
     from cfsp.recover import recover
 
+    torch_device = resolve_device(device)
     check_output_dir(out)
     model_dir = Path(model_dir)
     if not cfg.enabled:
@@ -281,10 +307,12 @@ def recover_stage(
         ) from err
     importance = coarse_scores(angular, temperature, control).tolist()
     loaded = load_model(str(model_dir), dtype=dtype)
+    loaded.model.to(torch_device)
     windows = calibration_windows(
         cfg.source, loaded.tokenizer, cfg.nsamples, cfg.seqlen, cfg.seed, loaded.model
     )
     model, record = recover(loaded.model, windows.ids, importance, cfg, on_step=on_step)
+    model.to("cpu")  # written from host memory
     record.update(config=cfg.model_dump(), importance=importance, text=windows.fingerprint)
     manifest = dict(read_manifest(model_dir), recover=record)
     with atomic_dir(out) as tmp:
@@ -308,11 +336,13 @@ def evaluate_stage(
     out: Path,
     dtype: str = "float32",
     reference: str | None = None,
+    device: str = "cpu",
 ) -> dict:
     """Perplexity on each source at cfg.seqlen, parameter count, zero-shot accuracy and speed
-    against `reference` when configured -> out/metrics.json."""
+    against `reference` when configured, on `device` -> out/metrics.json."""
+    resolve_device(device)
     check_output_dir(out)
-    metrics = evaluate_model(str(model_dir), cfg, dtype, reference=reference)
+    metrics = evaluate_model(str(model_dir), cfg, dtype, reference=reference, device=device)
     with atomic_dir(out) as tmp:
         write_json(tmp / METRICS, metrics)
         write_json(tmp / "evaluate.json", {"config": cfg.model_dump(), "reference": reference})

@@ -1,0 +1,90 @@
+"""Where cfsp computes: the one `--device` resolver and the precision of its statistics math.
+
+Devices: `auto` (cuda:0 when torch sees a GPU, else the CPU), `cpu`, `cuda` or `cuda:N`. A name
+that cannot be honoured here (no CUDA, N out of range, a typo) is a usage error raised before
+any work starts. Every command and pipeline stage resolves its `--device` / params `device`
+through `resolve_device`.
+
+Precision of the statistics math (Gram sums, covariance, Cholesky solves, fine scores):
+float64 on the CPU, where it costs little and is what cfsp has always done; float32 on CUDA,
+where float64 is slow on most cards (solves stay damped Cholesky, see
+cfsp.engine.reconstruct). `CFSP_MATH_DTYPE=float32|float64` overrides this for a comparison;
+the choice made is recorded in the prune report (`math_dtype`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import TYPE_CHECKING
+
+from cfsp.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:\d+)?)$"  # also params.yaml's `device` (cfsp.config)
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it is a device cfsp understands (auto, cpu, cuda, cuda:N); else a usage error.
+    Syntax only: whether this machine has that device is `resolve_device`'s question."""
+    if not re.match(DEVICE_PATTERN, name.strip()):
+        raise UsageError(f"unknown --device {name!r}; choose auto, cpu, cuda or cuda:N")
+    return name.strip()
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`auto` (the GPU when there is one), `cpu`, `cuda` or `cuda:N`; else a usage error."""
+    import torch  # here, not at the top: cfsp.config imports this module for DEVICE_PATTERN
+
+    name = check_device_name(name or "auto")
+    if name == "auto":
+        return torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: no CUDA device is available here")
+    index = int(name[5:]) if ":" in name else 0
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"--device {name}: there are {count} CUDA devices (0..{count - 1})")
+    return torch.device("cuda", index)
+
+
+def math_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """The dtype of the statistics math on `device` (None: the current default device)."""
+    import torch
+
+    forced = os.environ.get("CFSP_MATH_DTYPE", "").strip()
+    if forced:
+        if forced not in ("float32", "float64"):
+            raise UsageError(f"CFSP_MATH_DTYPE={forced!r}: choose float32 or float64")
+        return getattr(torch, forced)
+    device = torch.get_default_device() if device is None else torch.device(device)
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued CUDA work on `device` (timings); nothing on the CPU."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting `device`'s peak allocated memory afresh (CUDA only)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_device_mib(device: torch.device) -> float | None:
+    """Peak memory allocated on `device` since the last reset, MiB; None on the CPU."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
