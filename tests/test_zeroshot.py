@@ -211,3 +211,10 @@ def test_lm_eval_acc_equals_an_independent_scorer(model, tiny_tokenizer):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-3)
     assert arc["acc"] == correct / n
     assert 0 < correct < n  # not a degenerate agreement
+
+
+def test_no_request_bar_off_a_terminal(model, tiny_tokenizer, capfd):
+    """stderr is not a terminal under pytest: lm-eval's request bar prints nothing there (the
+    datasets library's own bars are switched off by the CLI, cfsp.logs, not by zeroshot)."""
+    zeroshot(model, tiny_tokenizer, ["piqa"], limit=3)
+    assert "loglikelihood requests" not in capfd.readouterr().err
