@@ -63,9 +63,12 @@ def _mlflow_link(sweep) -> str:
 def _prefect_link() -> str:
     """The flow run's page on the Prefect server, when this runs inside a flow."""
     from prefect.runtime import flow_run
+    from prefect.utilities.urls import url_for
 
-    url = flow_run.ui_url if flow_run.id else None
-    return url or "not run by Prefect (or no UI)"
+    if not flow_run.id:
+        return "not run by Prefect"
+    url = url_for("flow-run", obj_id=flow_run.id)
+    return url or f"flow run {flow_run.id} on a temporary local server (no UI to link)"
 
 
 def record_sweep(folder: Path, summaries: list[dict], protocol: dict | None) -> list[dict]:
@@ -73,10 +76,18 @@ def record_sweep(folder: Path, summaries: list[dict], protocol: dict | None) -> 
     Each run keeps its checkpoint path in its summary."""
     path = folder / HISTORY
     history = _read_history(path)
-    history.append({"protocol": protocol or {}, "runs": summaries})
+    runs = [_absolute_checkpoint(s) for s in summaries]
+    history.append({"protocol": protocol or {}, "runs": runs})
     with atomic_file(path) as tmp:
         Path(tmp).write_text(json.dumps(history, indent=1, default=str) + "\n")
     return history
+
+
+def _absolute_checkpoint(summary: dict) -> dict:
+    """The summary with its checkpoint path absolute (the report outlives the working folder)."""
+    if "checkpoint" not in summary:
+        return summary
+    return dict(summary, checkpoint=str(Path(summary["checkpoint"]).absolute()))
 
 
 def _read_history(path: Path) -> list[dict]:
