@@ -26,11 +26,13 @@ from urllib.parse import urlsplit
 
 from websockets.sync.client import connect
 
-# Helpers every snippet can use: click the element whose visible text or aria-label is `t`.
+# Helpers every snippet can use: click the element with aria-label `t`, else the innermost one
+# whose text is `t` (the click bubbles up to whatever handles it: button, tab, link).
 HELPERS = """
 window.cfspClick = (t) => {
-  const all = [...document.querySelectorAll('button, a, [role=button], [role=tab], label, span')];
-  const hit = all.find(e => e.getAttribute('aria-label') === t || e.innerText?.trim() === t);
+  const all = [...document.querySelectorAll('*')];
+  const hit = all.find(e => e.getAttribute('aria-label') === t)
+    || all.find(e => e.children.length === 0 && (e.textContent || '').trim() === t);
   if (hit) { hit.click(); return true; }
   return false;
 };

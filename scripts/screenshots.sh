@@ -2,7 +2,8 @@
 # Regenerate the dashboard screenshots in docs/ (linked from README, "How to read the
 # dashboards"): a small real sweep against a real Prefect server, then headless Chromium on
 #   docs/mlflow-runs.png       the MLflow runs table of the experiment (runs named by budget)
-#   docs/mlflow-run.png        one child run: params, metrics, tags, artifacts
+#   docs/mlflow-run.png        one child run: metrics, params, lineage tags, logged model
+#   docs/mlflow-run-artifacts.png  its artifacts (the allocation plot open)
 #   docs/prefect-flow-run.png  the sweep's flow run: its task graph with the task names
 # Needs Chromium (`apt-get install -y chromium`): a documentation prerequisite only, never a
 # test or CI dependency. Everything runs on 127.0.0.1 in a temporary folder, removed at the end;
@@ -85,10 +86,12 @@ children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 child = max(children, key=lambda r: float(r.data.params.get("budget", 0)))
 metrics = sorted(k for k in child.data.metrics if k.startswith(("ppl/", "params/removed")))
 columns = ["params.`budget`", "params.`method`", *(f"metrics.`{k}`" for k in metrics)]
-view = {
-    "selectedColumns": [*columns, "attributes.`Models`"],
+name = "attributes.`Run Name`"
+view = {  # column ids as the UI's grid names them; widths apply to the columns in the order
+    "selectedColumns": columns,
     "runsExpanded": {r.data.tags["mlflow.parentRunId"]: True for r in children},
-    "columnWidths": {"attributes.`Run Name`": 230, **{c: 190 for c in columns[2:]}},
+    "columnOrder": ["0", name, *columns, "runDateAndNestInfo"],
+    "columnWidths": {name: 250, **{c: 90 for c in columns[:2]}, **{c: 200 for c in columns[2:]}},
     "orderByKey": "attributes.start_time",
     "orderByAsc": False,
     "startTime": "ALL",
@@ -119,6 +122,9 @@ DOCS="$ROOT/docs"
 shoot "$MLFLOW/#/experiments/$EXP/runs" "$DOCS/mlflow-runs.png" --wait "$RUN_NAME" \
   --storage "$VIEW_KEY=${IDS[5]}" "${QUIET[@]}" --size 1500,420
 shoot "$MLFLOW/#/experiments/$EXP/runs/$RUN" "$DOCS/mlflow-run.png" --wait "Parent run" \
-  "${QUIET[@]}" --size 1400,1300
+  "${QUIET[@]}" --js "cfspClick('Close')" --size 1400,1150
+shoot "$MLFLOW/#/experiments/$EXP/runs/$RUN/artifacts" "$DOCS/mlflow-run-artifacts.png" \
+  --wait "allocation.png" "${QUIET[@]}" --js "cfspClick('Close')" \
+  --js "cfspClick('allocation.png')" --size 1400,620
 shoot "http://127.0.0.1:$PREFECT_PORT/runs/flow-run/$FLOW_RUN" "$DOCS/prefect-flow-run.png" \
   --wait "$FLOW_NAME" --js "cfspClick('Task Runs')" --size 1400,1000
