@@ -280,3 +280,20 @@ def test_write_exports_beside_a_checkpoint_with_measured_quality(tmp_path, tiny_
     assert "- perplexity (pruned): 12.5" in _published(padded)
     stock = AutoModelForCausalLM.from_pretrained(padded).eval()
     torch.testing.assert_close(_logits(stock, windows.ids), _logits(model, windows.ids))
+
+
+def test_sweep_refuses_a_stock_export_it_could_not_write_before_any_work(tmp_path):
+    """params.yaml asking for padded exports of a model whose LIAR biases no stock code holds:
+    the request check (run before Prefect starts) refuses it, naming the compact export."""
+    from cfsp.preflight import check_params
+
+    for name in ("qwen3-gqa", "mistral-gqa"):
+        tiny_model(name).save_pretrained(tmp_path / name)
+    kinds = {"kinds": ["compact", "padded"]}
+    out = str(tmp_path / "out")
+    refused = Params(models=[str(tmp_path / "qwen3-gqa")], export=kinds, output=out)
+    with pytest.raises(UsageError, match="down_proj.*trust_remote_code=True"):
+        check_params(refused)
+    check_params(Params(models=[str(tmp_path / "mistral-gqa")], export=kinds, output=out))
+    check_params(Params(models=[str(tmp_path / "qwen3-gqa")], output=out))  # compact only
+    assert not (tmp_path / "out").exists()
