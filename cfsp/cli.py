@@ -783,16 +783,29 @@ def stage_evaluate(
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: map our errors to one line and an exit code.
 
-    Typer reports its own usage errors (unparsable values, unknown options) with exit code 2.
-    SIGTERM/SIGINT/SIGHUP unwind like an error (temporaries removed, see cfsp.interrupts) and
-    exit 128 + the signal number.
+    Click's usage errors (unparsable values, unknown options) are one `error:` line too, exit
+    code 2. SIGTERM/SIGINT/SIGHUP unwind like an error (temporaries removed, see
+    cfsp.interrupts) and exit 128 + the signal number.
     """
+    # Typer >= 0.22 carries its own copy of click; its exceptions live there.
+    from typer._click.exceptions import NoArgsIsHelpError
+
     from cfsp.interrupts import Interrupted, signals_raise
     from cfsp.io import remove_live_temporaries
 
     try:
         with signals_raise():
-            app(args=argv)
+            code = app(args=argv, standalone_mode=False)  # --help, --version: Exit -> its code
+        return code if isinstance(code, int) else 0
+    except NoArgsIsHelpError as bare:  # `cfsp stage`: the help text
+        bare.show()
+        return bare.exit_code
+    except typer.TyperException as err:  # click's usage errors (exit 2) and file errors
+        typer.secho(f"error: {_click_message(err)}", err=True, fg="red")
+        return err.exit_code
+    except typer.Abort:
+        typer.secho("interrupted", err=True)
+        return 130
     except Interrupted as stop:
         remove_live_temporaries()
         typer.secho(str(stop), err=True)
@@ -808,7 +821,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True)
         return 130
-    return 0
+
+
+def _click_message(err) -> str:
+    """Click's message on one line, pointing at the subcommand's --help for usage errors."""
+    message = " ".join(err.format_message().split())
+    ctx = getattr(err, "ctx", None)
+    if ctx is not None:
+        names = []
+        while ctx.parent is not None:  # the root's name is whatever launched us: say `cfsp`
+            names.append(ctx.info_name)
+            ctx = ctx.parent
+        message = message.rstrip(".") + f" (see `{' '.join(['cfsp', *reversed(names)])} --help`)"
+    return message
 
 
 def entry() -> None:

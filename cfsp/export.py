@@ -122,16 +122,20 @@ def check_exports(config, prune, kinds: list[str]) -> None:
     stock = [k for k in kinds if k in ("padded", "uniform")]
     if not stock or prune.reconstruct == "none" or prune.budget == 0:
         return
+    from cfsp.export_llama import llama_form_problem
+
     adapter = adapter_for(config)
     flags = [("down_proj", adapter.mlp_bias_attr)]
     if prune.structures == "ffn+heads":
         flags.append(("o_proj", adapter.o_bias_attr))
     missing = [name for name, flag in flags if flag is None]
-    if missing:
+    why = llama_form_problem(config) if missing else None
+    if why:
         raise UsageError(
             f"export {stock[0]}: {config.model_type} has no config flag for a bias on "
-            f"{' or '.join(missing)}, where reconstruct={prune.reconstruct} puts one; stock code "
-            "cannot compute that model. Use --reconstruct none, or export compact"
+            f"{' or '.join(missing)}, where reconstruct={prune.reconstruct} puts one, and {why}; "
+            "stock code cannot compute that model. Use --reconstruct none, or export compact "
+            "(loads with cfsp.export.load_pruned or from_pretrained(DIR, trust_remote_code=True))"
         )
 
 
@@ -173,11 +177,18 @@ def export_model(model, manifest: dict, kind: str):
             raise CfspError("padded export: the manifest records no kept indices (prune.kept)")
         return padded_copy(model, kept)
     if kind == "uniform" and needs_custom_code(model.config):
-        raise CfspError(f"uniform export: {uniform_problem(model)}")
+        problem = uniform_problem(model)
+        if problem is None:  # uniform widths, biases only the LLaMA form holds
+            from cfsp.arch import adapter_for
+            from cfsp.export_llama import as_llama
+
+            return as_llama(model, adapter_for(model))
+        raise CfspError(f"uniform export: {problem}")
     return model
 
 
-def uniform_problem(model) -> str:
+def uniform_problem(model) -> str | None:
+    """Why a uniform export of `model` cannot be written (None: it can, in the LLaMA form)."""
     if getattr(model.config, "cfsp_layer_widths", None):
         return (
             "the allocation gave the blocks different widths, which stock code cannot build; "
@@ -185,7 +196,7 @@ def uniform_problem(model) -> str:
         )
     from cfsp.export_padded import stock_bias_problem
 
-    return stock_bias_problem(model) or "stock code cannot build this model"
+    return stock_bias_problem(model)
 
 
 def save_checkpoint(

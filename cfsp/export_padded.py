@@ -12,8 +12,10 @@ file. The padded model computes exactly the same function with stock code only:
   down column contributes nothing, whatever the zero rows before it compute;
 * a compensation bias is kept by turning on the stock flag that builds it (LLaMA's
   `attention_bias` / `mlp_bias`, Qwen3's and Gemma 3's `attention_bias`); the other modules the
-  flag builds get zero biases. A family without such a flag cannot hold the bias in stock code:
-  the padded export is refused there (prune with reconstruct=none, or use the compact export).
+  flag builds get zero biases. Mistral and Qwen2 have no such flags, but without a sliding
+  window they are exactly LLaMA: their padded export is a LLaMA checkpoint (cfsp.export_llama).
+  Any other family without the flag cannot hold the bias in stock code: the padded export is
+  refused there (prune with reconstruct=none, or use the compact export).
 
 It gives up the speed-up: the padded model has the dense model's shapes and cost.
 """
@@ -33,17 +35,30 @@ from cfsp.errors import CfspError
 _BIAS_KINDS = {"o_proj": ("o", "o_bias_attr"), "down_proj": ("down", "mlp_bias_attr")}
 
 
-def stock_bias_problem(model) -> str | None:
-    """Why stock code of this family cannot hold the model's compensation biases, if it can't."""
+def unflagged_biases(model) -> list[str]:
+    """The compensated module kinds (o_proj, down_proj) the family's stock config cannot build."""
     adapter = adapter_for(model)
-    for name in getattr(model.config, "cfsp_extra_bias", None) or ():
-        if name in _BIAS_KINDS and getattr(adapter, _BIAS_KINDS[name][1]) is None:
-            return (
-                f"{type(model).__name__} has no config flag that builds a bias on {name}, and "
-                f"the reconstruction put one there: stock code cannot compute this model "
-                "(prune with reconstruct=none, or use the compact export)"
-            )
-    return None
+    names = getattr(model.config, "cfsp_extra_bias", None) or ()
+    return [n for n in names if n in _BIAS_KINDS and getattr(adapter, _BIAS_KINDS[n][1]) is None]
+
+
+def stock_bias_problem(model) -> str | None:
+    """Why stock code cannot hold the model's compensation biases, if it can't (neither its
+    family's flags nor, for Mistral / Qwen2, the LLaMA form)."""
+    from cfsp.export_llama import llama_form_problem
+
+    missing = unflagged_biases(model)
+    if not missing:
+        return None
+    why = llama_form_problem(model.config)
+    if why is None:
+        return None
+    return (
+        f"{type(model).__name__} has no config flag that builds a bias on {missing[0]}, where "
+        f"the reconstruction put one, and {why}: stock code cannot compute this model. Prune "
+        "with reconstruct=none, or use the compact export (cfsp.export.load_pruned, or "
+        "from_pretrained(DIR, trust_remote_code=True) with its shipped modeling_cfsp.py)"
+    )
 
 
 def padded_copy(model, kept: list[dict]):
@@ -70,9 +85,14 @@ def padded_copy(model, kept: list[dict]):
     with torch.no_grad():
         for index, (block, plan) in enumerate(zip(blocks, kept, strict=True)):
             _pad_block(adapter, block, plan, dense, head_dim, index)
+    to_llama = bool(unflagged_biases(padded))
     for attr in ("cfsp_layer_widths", "cfsp_extra_bias"):
         if hasattr(config, attr):
             delattr(config, attr)
+    if to_llama:  # Mistral / Qwen2 with a bias their config cannot build: the LLaMA form
+        from cfsp.export_llama import as_llama
+
+        return as_llama(padded, adapter)
     _set_bias_flags(padded, adapter)
     return padded
 

@@ -334,6 +334,19 @@ def check_model_spec(spec: str, trust_remote_code: bool = False) -> None:
         )
 
 
+def local_config(spec: str):
+    """The config of a model spec when it is on disk already (a directory, an embedded model
+    converted before); None for a hub id, a GGUF file or an embedded model not converted yet."""
+    kind, path = _resolve_spec(spec)
+    if kind == "alias":
+        from cfsp.home import cache_dir
+
+        path, kind = cache_dir("models", ALIASES[spec]), "dir"
+        if not (path / "config.json").is_file():
+            return None
+    return _read_config(path, trust_remote_code=False) if kind == "dir" else None
+
+
 def _resolve_spec(spec: str) -> tuple[str, Path]:
     """Which kind of model spec this is ('alias', 'gguf', 'dir' or 'hub') and its path.
 

@@ -40,3 +40,23 @@ def check_params(params: Params) -> None:
     if params.recover.enabled:
         check_source(params.recover.source, "training")
     check_writable_parent(Path(params.output) / "store")
+    check_stock_exports(params)
+
+
+def check_stock_exports(params: Params) -> None:
+    """The stock-loadable exports asked for (padded, uniform) can be written for every model x
+    method x budget (cfsp.export.check_exports): refused now, not after pruning. Models whose
+    config is not on disk yet (hub ids, GGUF files) are checked when their export is written."""
+    from cfsp.config import prune_config
+    from cfsp.export import check_exports
+    from cfsp.models import local_config
+
+    if not {"padded", "uniform"} & set(params.export.kinds):
+        return
+    for model in params.models:
+        config = local_config(model)
+        if config is None:
+            continue
+        for method in params.methods:
+            for budget in params.budgets:
+                check_exports(config, prune_config(params, method, budget), params.export.kinds)

@@ -3,7 +3,8 @@
 A run summary (`run_summary`, written as runs/<name>/summary.json) holds: name, model, budget,
 method, metrics (the flat schema of cfsp.metrics), ppl and dense_ppl ({source: value}),
 keep_ratios, and where its artifacts are.
-Sweep report files: report.md, report.html, ppl_vs_budget.png, keep_ratios.png, tradeoff.png.
+Sweep report files: report.md, report.html, ppl_vs_budget.png, keep_ratios.png, tradeoff.png,
+and sweeps.json (every sweep's runs and protocol: the report accumulates, cfsp.report_sweeps).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from cfsp import __version__
 from cfsp.io import atomic_file, read_json
 from cfsp.metrics import flatten, render_table
 from cfsp.plots import keep_ratio_plot, ppl_vs_budget_plot, tradeoff_plot
+from cfsp.report_sweeps import HISTORY, latest_runs, protocol_section, record_sweep
 
 PLOTS = ("ppl_vs_budget.png", "keep_ratios.png", "tradeoff.png")
 CSS = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
@@ -31,6 +33,8 @@ def _ratio_cell(metrics: dict, figure: str, tag: str) -> str:
 
 
 def _ppl_cell(summary: dict, source: str) -> str:
+    if source not in summary["ppl"]:  # a run of an earlier sweep evaluated on other text
+        return "-"
     dense, ours = summary["dense_ppl"][source], summary["ppl"][source]
     return f"{dense:.2f} -> {ours:.2f} (x{ours / dense:.2f})"
 
@@ -100,17 +104,29 @@ def render(title: str, body: str, folder: Path) -> list[Path]:
     return paths
 
 
-def sweep_report(summaries: list[dict], folder: Path) -> list[Path]:
-    """The report over every run of a sweep: table, perplexity-vs-budget, keep ratios, trade-off."""
+def sweep_report(summaries: list[dict], folder: Path, protocol: dict | None = None) -> list[Path]:
+    """The report over every run of every sweep into `folder` (cfsp.report_sweeps): table with
+    the sweep each row comes from, perplexity-vs-budget, keep ratios, trade-off, and each sweep's
+    protocol (`protocol`: labelled lines from `sweep_protocol`, this sweep's)."""
     folder.mkdir(parents=True, exist_ok=True)
-    plots = write_plots(summaries, folder)
-    seqlen = {s.get("seqlen") for s in summaries} - {None}
-    body = results_table(summaries)
+    history = record_sweep(folder, summaries, protocol)
+    rows = latest_runs(history)
+    current = history[-1]["protocol"].get("evaluation")
+    same = [s for n, s in rows if history[n - 1]["protocol"].get("evaluation") == current]
+    plots = write_plots(same, folder)
+    seqlen = {s.get("seqlen") for _, s in rows} - {None}
+    sources = list(dict.fromkeys(src for _, s in rows for src in s["ppl"]))
+    body = render_table([{**result_row(s, sources), "sweep": n} for n, s in rows])
     body += "\n\nPerplexity at seqlen " + ", ".join(str(x) for x in sorted(seqlen) or ["?"])
     body += "; speed-ups are dense time / pruned time measured in the same process (median);"
-    body += " ideal = dense MACs / pruned MACs; memory = peak (weights + activations) ratio.\n\n"
+    body += " ideal = dense MACs / pruned MACs; memory = peak (weights + activations) ratio."
+    body += " `sweep` numbers the sweep a row comes from (see Protocol).\n\n"
+    if len(same) < len(rows):
+        body += f"Plots: the {len(same)} runs evaluated like sweep {len(history)}.\n\n"
     body += "\n\n".join(f"![{p.stem}]({p.name})" for p in plots)
-    return render(f"cfsp sweep: {len(summaries)} runs", body, folder) + plots
+    body += "\n\n" + protocol_section(history)
+    title = f"cfsp sweeps: {len(rows)} runs from {len(history)} sweep" + "s" * (len(history) > 1)
+    return render(title, body, folder) + plots + [folder / HISTORY]
 
 
 def run_report(summary: dict, folder: Path) -> list[Path]:

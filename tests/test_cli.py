@@ -46,6 +46,28 @@ def test_non_numeric_budget_is_a_usage_error():
     assert code == 2 and "--budget" in err and "valid number" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    "args,match",
+    [
+        (["prune", "--budget", "half"], "(see `cfsp prune --help`)"),
+        (["prune", "--bogus"], "No such option: --bogus"),
+        (["stage", "prune", "--budget", "x"], "(see `cfsp stage prune --help`)"),
+        (["verify"], "Missing argument 'directory'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
+def test_click_usage_errors_are_one_error_line(args, match):
+    """Click's own usage errors print one `error:` line, no usage box, and exit 2."""
+    code, out, err = cfsp(*args)
+    assert code == 2 and out == ""
+    assert err.strip() == _error_line(err) and match in err
+
+
+def test_bare_group_prints_its_help():
+    code, _, err = cfsp("stage")
+    assert code == 2 and "prepare" in err and "error:" not in err
+
+
 def test_debug_shows_traceback():
     code, _, err = cfsp("--debug", "eval", "--model", "/nonexistent/model")
     assert code != 0 and "Traceback" in err

@@ -81,7 +81,7 @@ def test_stock_load_of_each_kind(tmp_path, tiny_tokenizer, name):
         _save(model, tiny_tokenizer, manifest, tmp_path / "uniform", "uniform")
 
 
-@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-gqa"])
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen3-gqa", "mistral-gqa", "qwen2-gqa"])
 def test_padded_keeps_compensation_biases_through_stock_flags(tmp_path, tiny_tokenizer, name):
     """LIAR biases on o_proj / down_proj: LLaMA's attention_bias / mlp_bias (Qwen3: o_proj via
     attention_bias) carry them; the other modules the flags build hold zeros."""
@@ -94,10 +94,56 @@ def test_padded_keeps_compensation_biases_through_stock_flags(tmp_path, tiny_tok
             _save(model, tiny_tokenizer, manifest, tmp_path / "padded", "padded")
         return
     assert model.config.cfsp_extra_bias == ["o_proj", "down_proj"]
+    check_exports(tiny_model(name).config, cfg, ["padded"])  # not refused
     padded = _save(model, tiny_tokenizer, manifest, tmp_path / "padded", "padded")
     config = json.loads((padded / "config.json").read_text())
     assert config["attention_bias"] and config["mlp_bias"]
+    assert config["model_type"] == "llama"  # Mistral / Qwen2: their exact LLaMA form
     stock = AutoModelForCausalLM.from_pretrained(padded).eval()
+    torch.testing.assert_close(
+        _logits(stock, windows.ids), _logits(model, windows.ids), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(
+        _logits(stock, windows.ids),
+        _logits(
+            load_pruned(_save(model, tiny_tokenizer, manifest, tmp_path / "c", "compact")),
+            windows.ids,
+        ),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("name", ["mistral-gqa", "qwen2-gqa"])
+def test_sliding_window_has_no_llama_form(tmp_path, tiny_tokenizer, name):
+    """A real sliding window cannot be LLaMA: refused before the work (naming the compact
+    export and trust_remote_code), and at export."""
+    cfg = PruneConfig(**PER_BLOCK)
+    model = tiny_model(name)
+    if name.startswith("mistral"):
+        model.config.sliding_window = 8
+    else:
+        model.config.use_sliding_window = True
+    with pytest.raises(UsageError, match="sliding.*trust_remote_code=True"):
+        check_exports(model.config, cfg, ["padded"])
+    pruned, _, manifest = _prune(name, cfg)
+    pruned.config.sliding_window = 8
+    if name.startswith("qwen2"):
+        pruned.config.use_sliding_window = True
+        pruned.config.layer_types = ["sliding_attention"] * len(pruned.config.layer_types)
+    with pytest.raises(CfspError, match="sliding.*compact export"):
+        _save(pruned, tiny_tokenizer, manifest, tmp_path / "padded", "padded")
+    assert not list((tmp_path / "padded").iterdir())
+
+
+def test_uniform_mistral_with_biases_is_a_llama_checkpoint(tmp_path, tiny_tokenizer):
+    cfg = PruneConfig(budget=0.4, method="wanda_sp", reconstruct="liar", structures="ffn+heads")
+    model, windows, manifest = _prune("mistral-gqa", cfg)
+    assert model.config.cfsp_extra_bias
+    check_exports(tiny_model("mistral-gqa").config, cfg, ["uniform"])
+    folder = _save(model, tiny_tokenizer, manifest, tmp_path / "uniform", "uniform")
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "llama"
+    stock = AutoModelForCausalLM.from_pretrained(folder).eval()
     torch.testing.assert_close(
         _logits(stock, windows.ids), _logits(model, windows.ids), atol=1e-5, rtol=1e-5
     )
@@ -234,3 +280,20 @@ def test_write_exports_beside_a_checkpoint_with_measured_quality(tmp_path, tiny_
     assert "- perplexity (pruned): 12.5" in _published(padded)
     stock = AutoModelForCausalLM.from_pretrained(padded).eval()
     torch.testing.assert_close(_logits(stock, windows.ids), _logits(model, windows.ids))
+
+
+def test_sweep_refuses_a_stock_export_it_could_not_write_before_any_work(tmp_path):
+    """params.yaml asking for padded exports of a model whose LIAR biases no stock code holds:
+    the request check (run before Prefect starts) refuses it, naming the compact export."""
+    from cfsp.preflight import check_params
+
+    for name in ("qwen3-gqa", "mistral-gqa"):
+        tiny_model(name).save_pretrained(tmp_path / name)
+    kinds = {"kinds": ["compact", "padded"]}
+    out = str(tmp_path / "out")
+    refused = Params(models=[str(tmp_path / "qwen3-gqa")], export=kinds, output=out)
+    with pytest.raises(UsageError, match="down_proj.*trust_remote_code=True"):
+        check_params(refused)
+    check_params(Params(models=[str(tmp_path / "mistral-gqa")], export=kinds, output=out))
+    check_params(Params(models=[str(tmp_path / "qwen3-gqa")], output=out))  # compact only
+    assert not (tmp_path / "out").exists()

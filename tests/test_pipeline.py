@@ -87,6 +87,12 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     shutil.rmtree(checkpoint)
     [fourth] = run_sweep(params)
     assert (Path(fourth["checkpoint"]) / "model.safetensors").is_file()
+    # The report accumulated the four sweeps and states how each one was made.
+    report = (tiny_project / "out/report/report.md").read_text()
+    assert "cfsp sweeps: 1 runs from 4 sweeps" in report
+    sweep3 = report.split("### Sweep 3")[1].split("### Sweep")[0]
+    assert "first 3 windows of 16 tokens" in sweep3 and "/runs/flow-run/" in sweep3
+    assert f"- checkpoint tiny-p0.4-cfsp: {Path(fourth['checkpoint']).absolute()}" in report
 
 
 def test_benchmark_flow_publishes_targets_and_rows(tmp_path, tiny_tokenizer, prefect_server):

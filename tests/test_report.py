@@ -49,3 +49,51 @@ def test_table_without_speed_or_accuracy_shows_dashes(tmp_path):
     files = run_report(row, tmp_path)
     assert "## All metrics" in (tmp_path / "report.md").read_text()
     assert {f.name for f in files} == {"report.md", "report.html"}
+
+
+def test_sweeps_accumulate_and_state_their_protocol(tmp_path):
+    """A second sweep into the same folder adds its rows (the newest result per run name wins)
+    and its protocol; plots mix only runs evaluated like the newest sweep."""
+    first = {"evaluation": "perplexity on botchan:test, first 4 windows of 128 tokens"}
+    sweep_report([_summary("cfsp", 0.2, 80.0, None)], tmp_path, {**first, "commit": "aaa"})
+    second = [_summary("cfsp", 0.2, 70.0, None), _summary("cfsp", 0.5, 200.0, None)]
+    second[1]["checkpoint"] = "/out/store/x/reconstruct"
+    files = sweep_report(second, tmp_path, {**first, "commit": "bbb"})
+    page = (tmp_path / "report.md").read_text()
+    assert page.startswith("# cfsp sweeps: 2 runs from 2 sweeps")
+    rows = [line for line in page.splitlines() if line.startswith("| m__")]
+    assert len(rows) == 2 and "50.00 -> 70.00" in rows[0] and rows[0].endswith("| 2 |")
+    assert page.index("### Sweep 2") < page.index("### Sweep 1")
+    assert "- commit: bbb" in page and "- commit: aaa" in page
+    assert "- checkpoint m__cfsp__p0.5: /out/store/x/reconstruct" in page  # absolute already
+    assert tmp_path / "sweeps.json" in files
+    other = _summary("flap", 0.3, 90.0, None)
+    sweep_report([other], tmp_path, {"evaluation": "all windows"})
+    page = (tmp_path / "report.md").read_text()
+    assert "Plots: the 1 runs evaluated like sweep 3." in page
+
+
+def test_unreadable_history_is_set_aside(tmp_path):
+    (tmp_path / "sweeps.json").write_text("{not json")
+    sweep_report([_summary("cfsp", 0.2, 80.0, None)], tmp_path)
+    assert "1 runs from 1 sweep" in (tmp_path / "report.md").read_text()
+    assert [p.name.split("-")[0] for p in tmp_path.glob("sweeps.json.unreadable-*")] == [
+        "sweeps.json.unreadable"
+    ]
+
+
+def test_protocol_names_calibration_evaluation_code_and_links():
+    from cfsp.config import Params
+    from cfsp.report_sweeps import sweep_protocol
+    from cfsp.tracking import Sweep
+
+    params = Params(prepare={"nsamples": 8}, evaluate={"limit": 4, "tasks": ["piqa"]})
+    local = sweep_protocol(params, Sweep("sqlite:///o/mlflow.db", "3", "abc", 0))
+    assert local["calibration"] == "botchan:train, 8 windows x 128 tokens, seed 0"
+    assert local["evaluation"].startswith("perplexity on botchan:test, first 4 windows of 128")
+    assert "zero-shot piqa (first 200 items each)" in local["evaluation"]
+    assert local["code"].startswith("cfsp ") and "commit " in local["code"]
+    assert "cfsp dashboard" in local["mlflow"] and "#/experiments/3/runs/abc" in local["mlflow"]
+    assert local["prefect"] == "not run by Prefect"
+    served = sweep_protocol(params, Sweep("http://127.0.0.1:5001/", "3", "abc", 0))
+    assert served["mlflow"] == "http://127.0.0.1:5001/#/experiments/3/runs/abc"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bz2
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,12 @@ def test_lm_eval_acc_equals_an_independent_scorer(model, tiny_tokenizer):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-3)
     assert arc["acc"] == correct / n
     assert 0 < correct < n  # not a degenerate agreement
+
+
+def test_no_request_bar_off_a_terminal(model, tiny_tokenizer, capfd):
+    """stderr is not a terminal under pytest: lm-eval's request bar prints nothing there (the
+    datasets library's own bars are switched off by the CLI, cfsp.logs, not by zeroshot)."""
+    zeroshot(model, tiny_tokenizer, ["piqa"], limit=3)
+    # The bar draws "Running loglikelihood requests:  33%|..."; lm-eval's log line of the same
+    # words (when a test before set up logging) is no bar.
+    assert not re.search(r"loglikelihood requests: +\d+%", capfd.readouterr().err)

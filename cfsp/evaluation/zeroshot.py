@@ -18,8 +18,10 @@ listed in `DEVIATIONS`.
 from __future__ import annotations
 
 import bz2
+import functools
 import json
 import re
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -309,6 +311,16 @@ def _summary(results: dict, names: list[str], limit: int | None, version: str) -
     return {"lm_eval_version": version, "limit": limit, "tasks": rows, "average_acc": average}
 
 
+def _bars_on_terminal_only(lm) -> None:
+    """lm-eval's request bars ("Running loglikelihood requests") pass `disable=False`
+    explicitly, so TQDM_DISABLE cannot switch them off; off a terminal (logs, CI) they would
+    print hundreds of redraws. lm-eval's own `disable_tqdm` argument turns them off there."""
+    if sys.stderr.isatty():
+        return
+    for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+        setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
+
+
 def zeroshot(
     model,
     tokenizer,
@@ -340,6 +352,7 @@ def zeroshot(
         from lm_eval.tasks import TaskManager
 
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        _bars_on_terminal_only(lm)
         results = lm_eval.simple_evaluate(
             model=lm,
             tasks=[f"cfsp_{n}" for n in names],

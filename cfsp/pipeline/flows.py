@@ -30,6 +30,7 @@ from cfsp.pipeline.tasks import TASKS
 from cfsp.pipeline.tracking import lineage_tags, preflight, track
 from cfsp.preflight import check_params
 from cfsp.report import allocation_rows, results_table, run_summary, sweep_report, write_run_report
+from cfsp.report_sweeps import sweep_protocol
 from cfsp.tracking import RunRecord, Sweep, end_sweep, start_sweep
 
 
@@ -171,7 +172,8 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     try:
         runs = _summaries(params, grid, store)
         summaries = [summary for summary, _ in runs]
-        sweep_files = sweep_report(summaries, Path(params.output) / "report")
+        protocol = sweep_protocol(params, parent)
+        sweep_files = sweep_report(summaries, Path(params.output) / "report", protocol)
         report = str(next(f for f in sweep_files if f.name == "report.html"))
         for s in summaries:
             s["sweep_report"], s["mlflow_parent_run_id"] = report, parent.run_id
