@@ -1,7 +1,9 @@
 """One prune of a loaded model from captured statistics, in place.
 
 plan   fine scores per block (criterion) -> coarse counts per block (allocation) -> kept
-       indices (`PrunePlan`), see importance.py, allocate.py, slicing.select;
+       indices (`PrunePlan`), see importance.py, allocate.py, slicing.select (criterion
+       `obs`: the kept set is chosen again when the block is pruned, from its Gram matrices,
+       select_obs.py; the counts stay the allocation's);
 prune  for each block: fold the pruned inputs of o_proj / down_proj into the kept ones
        (reconstruction, reconstruct.py), then slice (slicing.py). With sequential statistics
        each block's statistics are retaken on the outputs of the already-pruned blocks before
