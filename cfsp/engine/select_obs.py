@@ -26,7 +26,8 @@ head per step, over all groups that still have more than r), then whole groups (
 together) are removed down to the allocated number of KV groups.
 
 Shapes and cost: W [d, n], C [n, n], float64. One Cholesky inverse O(n^3), then per step
-O(n^2 c + d n c) for a unit of c channels: O(n^3 + d n^2) per module in all, once per block.
+O(c r n + d n c) for a unit of c channels after r removed (`ErrorState` keeps K as a low-rank
+downdate of the first inverse): O(n^3 + |P|^2 n + d n |P|) per module, once per block.
 """
 
 from __future__ import annotations
@@ -55,38 +56,55 @@ def damped_inverse(cov: torch.Tensor, damping: float) -> torch.Tensor:
 
 
 class ErrorState:
-    """Kept set, its inverse covariance K and refit weights W'; removes units by the update."""
+    """Kept set, its inverse covariance K and refit weights W'; removes units by the update.
+
+    K is held as K0 - B B^T (K0 the first inverse, B [n, r] one column per removed channel:
+    the update's K_:,g L^-T with K_gg = L L^T), so a step reads only the rows it removes and
+    the diagonal: O(c r n + d n c) for c channels after r, not O(n^2 c)."""
 
     def __init__(self, weight: torch.Tensor, cov: torch.Tensor, damping: float):
+        n = cov.shape[0]
         self.w = weight.detach().to(torch.float64).clone()  # W' [d, n]
-        self.k = damped_inverse(cov.to(torch.float64), damping)  # K [n, n]
-        self.alive = torch.ones(cov.shape[0], dtype=torch.bool, device=cov.device)
+        self.k0 = damped_inverse(cov.to(torch.float64), damping)  # K0 [n, n]
+        self.diag = self.k0.diagonal().clone()  # diag(K) [n]
+        self.b = torch.zeros(n, n, dtype=torch.float64, device=cov.device)  # B [n, <= n]
+        self.rank = 0
+        self.alive = torch.ones(n, dtype=torch.bool, device=cov.device)
         self.error = 0.0
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` of the current K [c, n]."""
+        b = self.b[:, : self.rank]
+        return self.k0[idx] - b[idx] @ b.T
 
     def channel_costs(self) -> torch.Tensor:
         """dE of removing each single channel [n]; inf for channels already removed."""
-        diag = self.k.diagonal().clamp_min(1e-300)
-        cost = self.w.square().sum(0) / diag
+        cost = self.w.square().sum(0) / self.diag.clamp_min(1e-300)
         return cost.masked_fill(~self.alive, math.inf)
 
     def unit_costs(self, units: torch.Tensor) -> torch.Tensor:
         """dE of removing each unit [u] (rows of `units` [u, c] are channel indices)."""
-        k_gg = self.k[units.unsqueeze(2), units.unsqueeze(1)]  # [u, c, c]
-        w_g = self.w[:, units].permute(1, 0, 2)  # [u, d, c]
+        u, c = units.shape
+        flat = units.reshape(-1)
+        sub = self.rows(flat)[:, flat].view(u, c, u, c)
+        k_gg = sub[torch.arange(u), :, torch.arange(u), :]  # [u, c, c]
+        w_g = self.w[:, flat].view(-1, u, c).permute(1, 0, 2)  # [u, d, c]
         solved = torch.linalg.solve(k_gg, w_g.transpose(1, 2))  # [u, c, d] = K_gg^-1 W'_g^T
         return (w_g.transpose(1, 2) * solved).sum((1, 2))
 
     def remove(self, idx: torch.Tensor) -> float:
         """Remove channels `idx` together; return (and add to `error`) the error they add."""
-        k_gg = self.k[idx][:, idx]
-        x = torch.linalg.solve(k_gg, self.k[idx])  # K_gg^-1 K_g,:  [c, n]
+        rows = self.rows(idx)  # K_g,: [c, n]
+        chol = torch.linalg.cholesky(rows[:, idx])  # K_gg = L L^T
         w_g = self.w[:, idx]
-        added = float((w_g * torch.linalg.solve(k_gg, w_g.T).T).sum())
-        self.w -= w_g @ x
-        self.k -= self.k[:, idx] @ x
+        half = torch.linalg.solve_triangular(chol, w_g.T, upper=False)  # L^-1 W'_g^T
+        added = float(half.square().sum())
+        self.w -= w_g @ torch.cholesky_solve(rows, chol)  # W'_g K_gg^-1 K_g,:
+        new = torch.linalg.solve_triangular(chol, rows, upper=False).T  # K_:,g L^-T [n, c]
+        self.b[:, self.rank : self.rank + len(idx)] = new
+        self.rank += len(idx)
+        self.diag -= new.square().sum(1)
         self.w[:, idx] = 0
-        self.k[idx] = 0
-        self.k[:, idx] = 0
         self.alive[idx] = False
         self.error += added
         return added
