@@ -1,7 +1,9 @@
 """One prune of a loaded model from captured statistics, in place.
 
 plan   fine scores per block (criterion) -> coarse counts per block (allocation) -> kept
-       indices (`PrunePlan`), see importance.py, allocate.py, slicing.select;
+       indices (`PrunePlan`), see importance.py, allocate.py, slicing.select (criterion
+       `obs`: the kept set is chosen again when the block is pruned, from its Gram matrices,
+       select_obs.py; the counts stay the allocation's);
 prune  for each block: fold the pruned inputs of o_proj / down_proj into the kept ones
        (reconstruction, reconstruct.py), then slice (slicing.py). With sequential statistics
        each block's statistics are retaken on the outputs of the already-pruned blocks before
@@ -27,7 +29,8 @@ from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.importance import fine_scores
 from cfsp.engine.plan import BlockCounts, BlockPlan, Geometry, PrunePlan
 from cfsp.engine.reconstruct import fold, relative_error
-from cfsp.engine.registry import ALLOCATIONS
+from cfsp.engine.registry import ALLOCATIONS, ERROR_SELECTED
+from cfsp.engine.select_obs import select_block
 from cfsp.engine.slicing import apply_plan, select, update_config
 from cfsp.engine.statistics import BlockStats, Statistics
 from cfsp.engine.stream import BlockStream
@@ -179,7 +182,11 @@ def prune_block(
     cfg: PruneConfig,
     head_dim: int,
 ) -> dict:
-    """Fold the pruned inputs of o_proj / down_proj (per `cfg.reconstruct`), then slice."""
+    """Fold the pruned inputs of o_proj / down_proj (per `cfg.reconstruct`), then slice.
+
+    With an error-selected criterion (`obs`) the kept set is chosen first, here where the
+    block's Gram matrices are, and written into `plan` (`choose_kept`)."""
+    choose_kept(adapter, block, plan, stats, cfg, head_dim)
     p = adapter.parts(block)
     row: dict = {}
     folded = {}
@@ -202,6 +209,28 @@ def prune_block(
         if layer.bias is not None:
             layer.bias.copy_(b_new.to(layer.bias.dtype))
     return row
+
+
+def choose_kept(
+    adapter: DecoderAdapter,
+    block,
+    plan: BlockPlan,
+    stats: BlockStats,
+    cfg: PruneConfig,
+    head_dim: int,
+) -> None:
+    """For a criterion in `ERROR_SELECTED`, replace `plan`'s kept heads and channels (counts
+    unchanged: the allocation's) by greedy error-aware removal on this block's statistics
+    (cfsp.engine.select_obs), in place, so slicing, the report and both engines see the same
+    set. Other criteria keep the top-score set chosen at planning time."""
+    if cfg.criterion not in ERROR_SELECTED:
+        return
+    p = adapter.parts(block)
+    kv_heads = p.k.weight.shape[0] // head_dim
+    chosen = select_block(
+        p.o.weight, p.down.weight, stats.o, stats.down, plan, kv_heads, head_dim, cfg.damping
+    )
+    plan.heads, plan.kv_heads, plan.channels = chosen.heads, chosen.kv_heads, chosen.channels
 
 
 @torch.no_grad()

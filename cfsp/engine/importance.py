@@ -8,6 +8,9 @@ Per input channel j of W_down (FFN channel j) or of W_o (one of a head's hd chan
   flap       sigma_j^2 * ||W[:, j]||_2^2                        (WIFV)
   magnitude  ||W[:, j]||_2
   random     uniform(0, 1), seeded
+  obs        sigma_j^2 * ||W[:, j]||_2^2: the output error of removing channel j alone when the
+             inputs are uncorrelated. Only the allocation reads it: where the Gram matrix is at
+             hand the kept set is chosen by error-aware greedy removal (cfsp.engine.select_obs).
   cfsp       ||X_j||^c * sum of relative importance of channel j's weights, where for a matrix A
              RI(A)_ik = |A_ik| / sum_k' |A_ik'| + |A_ik| / sum_i' |A_i'k|   (row AND column
              normalised), summed over the output-side weights (column j of W_down / W_o) and the
@@ -64,6 +67,11 @@ def flap_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) ->
 
 def magnitude_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
     return _math(out_proj).pow(2).sum(0).sqrt()
+
+
+def obs_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
+    """The O(width) stand-in for the allocation; the kept set comes from `select_obs`."""
+    return stats.var * out_proj.detach().double().pow(2).sum(0)
 
 
 def random_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:

@@ -70,8 +70,14 @@ CRITERIA = Registry(
         "flap": Choice(f"{_FINE}:flap_score", "activation variance x squared weight norm, WIFV"),
         "magnitude": Choice(f"{_FINE}:magnitude_score", "weight column L2 norm"),
         "random": Choice(f"{_FINE}:random_score", "seeded uniform random"),
+        "obs": Choice(
+            f"{_FINE}:obs_score", "greedy removal, least error left after the LIAR refit, OBS"
+        ),
     },
 )
+# Criteria whose kept set is chosen from the Gram matrices when each block is pruned
+# (cfsp.engine.select_obs), not as the top scores: their score only feeds the allocation.
+ERROR_SELECTED = frozenset({"obs"})
 
 _COARSE = "cfsp.engine.allocate"
 ALLOCATIONS = Registry(
