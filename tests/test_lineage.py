@@ -87,3 +87,15 @@ def test_a_failed_commit_is_a_warning_and_unrecorded_lineage(tmp_path, caplog):
     result = lineage.commit(lineage.plan(params, root=tmp_path), ["prepare@tiny"])
     assert result.root is None and result.reason.startswith("dvc commit failed")
     assert "lineage not recorded" in caplog.text
+
+
+def test_track_before_the_stages_ran_is_one_usage_error(tmp_path, monkeypatch, capsys):
+    from cfsp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    _project(tmp_path, Params(models=["tiny"]))
+    code = main(["stage", "track"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(err) == 1
+    assert "out/dvc/tiny/prepare holds no stage record; run the pipeline first" in err[0]
+    assert not (tmp_path / "out").exists()  # no MLflow database, no parent run

@@ -73,7 +73,7 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     )
     assert run.data.tags["dvc.checkpoint.md5"] == "none"
     assert checkpoint.absolute() == tiny_project / "out/dvc/tiny/cfsp-p0.4/reconstructed"
-    assert not (tiny_project / "out/dvc").exists() and not (tiny_project / "metrics").exists()
+    assert not (tiny_project / "out/store").exists() and not (tiny_project / "metrics").exists()
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"allocation.png", "cfsp_manifest.json", "metrics.json"} <= names
 

@@ -128,15 +128,13 @@ def track_stored(params: Params, lineage: Lineage) -> list[dict]:
     DVC's stages left in the store and the dvc.lock entries it wrote for them."""
     from cfsp.pipeline.tracking import preflight
 
-    preflight(params.tracking.resolved_uri(params.output))
     grid = grid_of(params)
+    stored = [(run, stored_records(params, run)) for run in grid]  # all there, before MLflow
+    preflight(params.tracking.resolved_uri(params.output))
     tags = {"prefect.flow_run_id": "none"}
     parent = start_parent(params, grid, tags)
     try:
-        runs = []
-        for run in grid:
-            records = stored_records(params, run)
-            runs.append((summarize(params, run, records, records["evaluate-dense"]), records))
+        runs = [(summarize(params, run, rec, rec["evaluate-dense"]), rec) for run, rec in stored]
 
         def log_run(sweep: dict, record: dict) -> str:
             return log_child(Sweep(**sweep), RunRecord(**record))
