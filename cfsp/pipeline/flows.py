@@ -37,11 +37,10 @@ from cfsp.tracking import end_sweep
 
 
 def _branch(params: Params, model: str, done: dict, run: tuple | None = None) -> dict:
-    """Submit every registered stage of one model (prune=None) or of one (budget, method) run
-    on top of the model's own stages (`done`: {stage: future}; run = (model, budget, method)),
-    in registry order, each into
-    its folder of the store. A disabled stage (recover) still runs: it passes its input on as
-    hard links, as in dvc.yaml."""
+    """Submit every registered stage of one model (run=None) or of one run = (model, budget,
+    method) on top of the model's own stages (`done`: {stage: future}), in registry order, each
+    into its folder of the store. A disabled stage (recover) still runs: it passes its input on
+    as hard links, as in dvc.yaml."""
     per_method = run is not None
     where = (run[1], run[2]) if per_method else (None, None)
     prune = _prune_dict(params, *run) if per_method else None
@@ -105,6 +104,7 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     try:
         runs = _summaries(params, grid, lineage)
         lineage = dvc_lineage.commit(lineage, dvc_lineage.grid_targets(grid))
+        sweep_tags = dvc_lineage.sweep_tags(lineage)  # dvc.lock as the child runs see it
         summaries, sweep_files = publish(params, parent, runs, lineage, prefect_tags, _log_run)
         if grid == grid_of(params):  # the whole sweep: dvc.yaml's `track` stage is done too
             lineage = dvc_lineage.commit(lineage, [dvc_lineage.TRACK])
@@ -113,7 +113,7 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
             end_sweep(parent, ok=False)
         raise
     files = [str(f) for f in sweep_files]
-    end_sweep(parent, ok=True, files=files, tags=dvc_lineage.sweep_tags(lineage))
+    end_sweep(parent, ok=True, files=files, tags=sweep_tags)
     create_markdown_artifact(
         key="evaluation-summary",
         markdown=results_table(summaries),
