@@ -85,7 +85,8 @@ def test_lineage_tags_read_dvc_lock_or_say_none(tmp_path):
 def test_a_failed_commit_is_a_warning_and_unrecorded_lineage(tmp_path, caplog):
     params = _project(tmp_path, Params(models=["tiny"]))
     result = lineage.commit(lineage.plan(params, root=tmp_path), ["prepare@tiny"])
-    assert result.root is None and result.reason.startswith("dvc commit failed")
+    assert result.root is None and result.reason.startswith("dvc commit failed: ERROR")
+    assert "not a git repository" in result.reason  # DVC's own error line
     assert "lineage not recorded" in caplog.text
 
 

@@ -102,11 +102,13 @@ def commit(lineage: Lineage, targets: list[str]) -> Lineage:
     `none` and why."""
     if lineage.root is None or not targets:
         return lineage
-    cmd = [sys.executable, "-m", "dvc", "commit", "--force", "--quiet", *targets]
+    cmd = [sys.executable, "-m", "dvc", "commit", "--force", *targets]  # --quiet hides errors
     try:
         proc = subprocess.run(cmd, cwd=lineage.root, capture_output=True, text=True, timeout=1800)
         failed = proc.returncode != 0
-        detail = " ".join((proc.stderr or proc.stdout).split())[-300:]
+        lines = (proc.stderr + proc.stdout).splitlines()
+        errors = [ln for ln in lines if ln.startswith("ERROR")] or lines[-1:]
+        detail = " ".join(" ".join(errors).split())[:300]
     except (OSError, subprocess.SubprocessError) as err:
         failed, detail = True, str(err)
     if not failed:
