@@ -273,6 +273,14 @@ def test_one_store_one_lineage_from_cfsp_run_and_dvc(tiny_project, prefect_serve
     assert "metrics/tiny/cfsp-p0.3.json" in metrics.stdout
     _compare_experiments(tiny_project, "b03")
 
+    # The other way round: `cfsp run` of the experiment's params (left in the workspace) reuses
+    # the stage records DVC's stages wrote; nothing is recomputed, and DVC stays up to date.
+    weights = tiny_project / "out/dvc/tiny/cfsp-p0.3/reconstructed/model.safetensors"
+    written = weights.stat().st_mtime_ns
+    [reused] = run_sweep(load_params("params.yaml"))
+    assert reused["budget"] == 0.3 and weights.stat().st_mtime_ns == written
+    assert "up to date" in _cli(tiny_project, "dvc", "status").stdout
+
 
 def _compare_experiments(project: Path, name: str) -> None:
     """The committed baseline and experiment `name` both show numeric metrics in `dvc exp show`
