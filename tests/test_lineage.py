@@ -100,3 +100,15 @@ def test_track_before_the_stages_ran_is_one_usage_error(tmp_path, monkeypatch, c
     assert code == 2 and len(err) == 1
     assert "out/dvc/tiny/prepare holds no stage record; run the pipeline first" in err[0]
     assert not (tmp_path / "out").exists()  # no MLflow database, no parent run
+
+
+def test_a_stage_record_is_not_an_unrecorded_checkpoint_file(tmp_path):
+    from cfsp.export import MANIFEST, file_hashes, verify_checkpoint
+    from cfsp.io import write_json
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    write_json(tmp_path / MANIFEST, {"files_sha256": file_hashes(tmp_path)})
+    store.write_record(tmp_path, "reconstruct", "key", 0.1, {})
+    assert verify_checkpoint(tmp_path) == []
+    (tmp_path / "extra.json").write_text("{}")  # any other loadable file still is
+    assert verify_checkpoint(tmp_path) == ["extra.json: not recorded in the manifest"]

@@ -25,13 +25,13 @@ import time
 from pathlib import Path
 
 from cfsp.errors import CfspError
-from cfsp.export import MANIFEST, verify_checkpoint
+from cfsp.export import MANIFEST, STAGE_RECORD, verify_checkpoint
 from cfsp.faults import kill_point
 from cfsp.io import read_json, write_json
 from cfsp.pipeline.keys import digest, model_key, slug
 from cfsp.pipeline.registry import STAGES, StageContext, content_hash, run_stage
 
-RECORD = "cfsp_stage.json"
+RECORD = STAGE_RECORD
 RUN = "{model}/{method}-p{budget}"
 FOLDERS = {
     "prepare": "{model}/prepare",
