@@ -608,8 +608,10 @@ MethodOpt = Annotated[str, typer.Option(help="Method variant, e.g. cfsp or flap+
 
 
 def _run_stage(name: str, p, model: str, out: Path, inputs: dict, prune=None, reference=None):
-    """Run a registered stage (cfsp.pipeline.registry) with its declared params sections."""
-    from cfsp.pipeline.registry import StageContext, run_stage, sections
+    """Run a registered stage (cfsp.pipeline.registry) with its declared params sections, into
+    the one store's record (reused when fresh); returns the stage's result."""
+    from cfsp.pipeline.registry import StageContext, sections
+    from cfsp.pipeline.store import run_recorded
 
     ctx = StageContext(
         model=str(model),
@@ -619,7 +621,7 @@ def _run_stage(name: str, p, model: str, out: Path, inputs: dict, prune=None, re
         prune=None if prune is None else prune.model_dump(),
         reference=reference,
     )
-    return run_stage(name, ctx)
+    return run_recorded(name, ctx)["info"]
 
 
 @stage_app.command("prepare")
@@ -666,13 +668,9 @@ def stage_allocate(
         check_output_file(plot_data)
     info = _run_stage("allocate", p, model, out, {"capture": stats}, cfg)
     if plot_data is not None:
-        from cfsp.io import atomic_file
+        from cfsp.pipeline.store import write_side_output
 
-        with atomic_file(plot_data) as tmp:
-            tmp.write_text(
-                "block,keep_ratio\n"
-                + "".join(f"{i},{k:.6f}\n" for i, k in enumerate(info["keep_ratios"]))
-            )
+        write_side_output("allocate", plot_data, info)
     typer.echo(f"{out}: keep ratios {min(info['keep_ratios']):.3f}..{max(info['keep_ratios']):.3f}")
 
 
@@ -762,8 +760,8 @@ def stage_evaluate(
 ):
     """Checkpoint -> metrics.json (perplexity at the configured seqlen, parameter count,
     zero-shot accuracy and speed when configured)."""
-    from cfsp.io import write_json
     from cfsp.metrics import flatten
+    from cfsp.pipeline.store import write_side_output
 
     p = _stage_params(params, device)
     if metrics is not None:
@@ -771,13 +769,27 @@ def stage_evaluate(
 
         check_output_file(metrics)
     if reference is None:  # a model scored on its own (the dense one in dvc.yaml)
-        result = _run_stage("evaluate-dense", p, model, out, {})
+        stage, result = "evaluate-dense", _run_stage("evaluate-dense", p, model, out, {})
     else:
-        result = _run_stage("evaluate", p, model, out, {"recover": Path(model)}, None, reference)
+        inputs = {"recover": Path(model)}
+        stage, result = "evaluate", _run_stage("evaluate", p, model, out, inputs, None, reference)
     flat = flatten(result)
     if metrics is not None:
-        write_json(metrics, flat)
+        write_side_output(stage, metrics, result)
     typer.echo(f"{out}: " + ", ".join(f"{k} {v:.6g}" for k, v in flat.items()))
+
+
+@stage_app.command("track")
+def stage_track(params: ParamsOpt = Path("params.yaml")):
+    """The sweep's MLflow runs from the stage records and dvc.lock (dvc.yaml's final stage): a
+    parent run and one child run per model x budget x method, as `cfsp run` logs them."""
+    from cfsp.pipeline.lineage import plan
+    from cfsp.pipeline.publish import track_stored
+
+    p = _params(params)
+    summaries = track_stored(p, plan(p))
+    for s in summaries:
+        typer.echo(f"MLflow run {s['mlflow_run_id']}: {s['name']}")
 
 
 def main(argv: list[str] | None = None) -> int:

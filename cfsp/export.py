@@ -41,6 +41,9 @@ MODELING_FILE = Path(__file__).with_name("modeling_cfsp.py")
 TERMS_PATTERNS = ("*TERMS*", "LICENSE*", "NOTICE*", "USE_POLICY*")
 # Files a loader may read (weights, configs, tokenizers, code): never unrecorded in a checkpoint.
 LOADABLE = (".safetensors", ".json", ".py", ".model", ".txt", ".tiktoken", ".jinja", ".bin")
+# The pipeline's record of how a stage folder was made (cfsp.pipeline.store): written after the
+# checkpoint, read by no loader, so not a file the manifest has to vouch for.
+STAGE_RECORD = "cfsp_stage.json"
 # Weight files are split above this size; the embedded models (<= 1.1 GB in float32) stay whole.
 MAX_SHARD_SIZE = "2GB"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -416,7 +419,7 @@ def _unrecorded(directory: Path, recorded: dict, complete: bool) -> list[str]:
     """Files a loader could pick up that the manifest does not vouch for."""
     problems = []
     for path in sorted(directory.iterdir()):
-        if path.name == MANIFEST or path.name in recorded:
+        if path.name in (MANIFEST, STAGE_RECORD) or path.name in recorded:
             continue
         loadable = path.name.endswith(LOADABLE if complete else (".safetensors",))
         if path.is_symlink() and (complete or loadable):

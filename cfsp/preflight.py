@@ -39,7 +39,7 @@ def check_params(params: Params) -> None:
     check_evaluation(params.evaluate.perplexity, params.evaluate.tasks)
     if params.recover.enabled:
         check_source(params.recover.source, "training")
-    check_writable_parent(Path(params.output) / "store")
+    check_writable_parent(Path(params.output) / "dvc")
     check_stock_exports(params)
 
 

@@ -200,12 +200,15 @@ def start_sweep(
     return Sweep(uri, exp_id, run.info.run_id, run.info.start_time)
 
 
-def end_sweep(sweep: Sweep, ok: bool, files: list[str] = ()) -> None:
-    """Attach the sweep's report files to the parent run and close it FINISHED or FAILED."""
+def end_sweep(sweep: Sweep, ok: bool, files: list[str] = (), tags: dict | None = None) -> None:
+    """Attach the sweep's report files (and tags known only at the end, such as its dvc.lock)
+    to the parent run and close it FINISHED or FAILED."""
     import mlflow
 
     client = mlflow.MlflowClient(sweep.uri)
     with _reported(sweep.uri, "failed"):
+        for key, value in (tags or {}).items():
+            client.set_tag(sweep.run_id, key, value)
         for path in files:
             if Path(path).is_file():
                 client.log_artifact(sweep.run_id, path, "sweep")

@@ -181,7 +181,7 @@ def test_sweep_logged_to_a_tracking_server(
 
     # Inputs: the calibration and evaluation windows, by their token-id hashes.
     summary = next(s for s in second if s["name"] == name)
-    [prepared] = (tiny_project / "out/store/prepare").glob("*/prepare.json")
+    prepared = tiny_project / "out/dvc/tiny/prepare/prepare.json"
     evaluated = json.loads(Path(summary["files"][-1]).read_text())["perplexity"]
     inputs = {d.dataset.name: d for d in after.inputs.dataset_inputs}
     assert {k: v.dataset.digest for k, v in inputs.items()} == {

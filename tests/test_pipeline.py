@@ -27,7 +27,11 @@ def prefect_server():
 
 
 def _mtimes(root: Path, stage: str) -> dict:
-    return {p.name: p.stat().st_mtime_ns for p in (root / "out/store" / stage).iterdir()}
+    """When each file of `stage`'s folder in the store (tiny, budget 0.4, cfsp) was written."""
+    from cfsp.pipeline.store import stage_dir
+
+    folder = stage_dir(root / "out", stage, "tiny", 0.4, "cfsp")
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
 
 
 def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeypatch):
@@ -41,7 +45,7 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     [summary] = run_sweep(params)
     checkpoint = Path(summary["checkpoint"])
     assert (checkpoint / "model.safetensors").is_file()
-    assert (checkpoint / "cfsp_manifest.json").is_file()
+    assert verify_checkpoint(checkpoint) == []  # its stage record is not a checkpoint file
     assert Path(summary["allocation_plot"]).stat().st_size > 1000
     assert abs(summary["metrics"]["params/removed_fraction"] - 0.4) < 0.1
     assert summary["metrics"]["ppl/file-text.txt_s16"] > 1
@@ -62,16 +66,24 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     for tag in ("git.dirty", "dvc.lock.sha256", "prefect.flow_run_id", "cfsp.version", "budget"):
         assert tag in run.data.tags
     assert run.data.tags["prefect.flow_run_id"] != "none"
+    # Not a DVC project: the same folders, nothing committed, and the tags say why.
+    assert (
+        run.data.tags["dvc.lineage"].startswith("none (")
+        and "not a DVC project" in (run.data.tags["dvc.lineage"])
+    )
+    assert run.data.tags["dvc.checkpoint.md5"] == "none"
+    assert checkpoint.absolute() == tiny_project / "out/dvc/tiny/cfsp-p0.4/reconstructed"
+    assert not (tiny_project / "out/store").exists() and not (tiny_project / "metrics").exists()
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"allocation.png", "cfsp_manifest.json", "metrics.json"} <= names
 
-    # A rerun is served from cache: no artifact is rewritten; it is a new MLflow run, same name.
+    # A rerun reuses every stage record: no artifact is rewritten; a new MLflow run, same name.
     before = {s: _mtimes(tiny_project, s) for s in ("prepare", "capture", "reconstruct")}
     [again] = run_sweep(params)
     assert again["mlflow_run_id"] != summary["mlflow_run_id"]
     assert client.get_run(again["mlflow_run_id"]).info.run_name == run.info.run_name
     assert {s: _mtimes(tiny_project, s) for s in before} == before
-    # Changing only an evaluation parameter reruns only evaluation.
+    # Changing only an evaluation parameter reruns only evaluation (into the same folders).
     evaluated = {s: _mtimes(tiny_project, s) for s in ("evaluate", "evaluate-dense")}
     changed = validate(
         type(params),
@@ -80,13 +92,17 @@ def test_flow_artifacts_tracking_and_cache(tiny_project, prefect_server, monkeyp
     [third] = run_sweep(changed)
     assert {s: _mtimes(tiny_project, s) for s in before} == before
     for stage, before_eval in evaluated.items():  # dense and pruned evaluated once more each
-        assert len(_mtimes(tiny_project, stage)) == len(before_eval) + 1
+        assert _mtimes(tiny_project, stage)["metrics.json"] != before_eval["metrics.json"]
     name = "ppl/file-text.txt_s16"
     assert third["metrics"][name] != summary["metrics"][name]
-    # A deleted artifact is rebuilt, not returned as a dangling cached path.
+    # A deleted artifact is rebuilt and a changed one recomputed, never served from a record.
     shutil.rmtree(checkpoint)
+    allocation = checkpoint.parent / "allocate/allocation.json"
+    allocation.write_text(allocation.read_text().replace('"keep_ratios"', '"keep_ratioz"'))
     [fourth] = run_sweep(params)
     assert (Path(fourth["checkpoint"]) / "model.safetensors").is_file()
+    assert '"keep_ratios"' in allocation.read_text()
+    assert fourth["metrics"][name] == summary["metrics"][name]  # limit back: evaluated again
     # The report accumulated the four sweeps and states how each one was made.
     report = (tiny_project / "out/report/report.md").read_text()
     assert "cfsp sweeps: 1 runs from 4 sweeps" in report
@@ -180,34 +196,77 @@ def test_invalid_params_fail_before_any_work(tiny_project):
     assert not (tiny_project / "out").exists()
 
 
-def test_dvc_repro_lineage_and_experiments(tiny_project):
+def _dvc_project(project: Path) -> None:
+    """`project` as a git + DVC repository with the repository's dvc.yaml, committed. The cache
+    hard-links outputs (as the repository's .dvc/config asks), so they are stored once."""
     repo = Path(__file__).resolve().parents[1]
-    shutil.copy(repo / "dvc.yaml", tiny_project / "dvc.yaml")
+    shutil.copy(repo / "dvc.yaml", project / "dvc.yaml")
     # The stages declare the library's code as dependencies, as in the project itself.
-    shutil.copytree(
-        repo / "cfsp", tiny_project / "cfsp", ignore=shutil.ignore_patterns("__pycache__")
-    )
+    shutil.copytree(repo / "cfsp", project / "cfsp", ignore=shutil.ignore_patterns("__pycache__"))
     for cmd in (
         ["git", "init", "-q"],
         ["git", "config", "user.email", "t@t"],
         ["git", "config", "user.name", "t"],
         ["dvc", "init", "-q"],
         ["dvc", "config", "core.analytics", "false"],
+        ["dvc", "config", "cache.type", "hardlink,copy"],
     ):
-        assert _cli(tiny_project, *cmd).returncode == 0
-    (tiny_project / ".gitignore").write_text("out/\n")
-    _cli(tiny_project, "git", "add", "-A")
-    assert _cli(tiny_project, "git", "commit", "-qm", "init").returncode == 0
+        assert _cli(project, *cmd).returncode == 0
+    (project / ".gitignore").write_text("out/\n")
+    _cli(project, "git", "add", "-A")
+    assert _cli(project, "git", "commit", "-qm", "init").returncode == 0
 
-    first = _cli(tiny_project, "dvc", "repro")
-    assert first.returncode == 0, first.stdout + first.stderr
-    assert "Running stage 'reconstruct@tiny-0.4-cfsp'" in first.stdout
-    lock = (tiny_project / "dvc.lock").read_text()
-    assert "reconstruct@tiny-0.4-cfsp" in lock and "md5" in lock
-    second = _cli(tiny_project, "dvc", "repro")
-    assert "Running stage" not in second.stdout and "up to date" in second.stdout
-    metrics = _cli(tiny_project, "dvc", "metrics", "show")
-    assert "metrics/tiny/cfsp-p0.4.json" in metrics.stdout
+
+def _children(client, name: str) -> list:
+    exp = client.get_experiment_by_name("cfsp")
+    runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{name}'")
+    return sorted(runs, key=lambda r: r.info.start_time)
+
+
+def test_one_store_one_lineage_from_cfsp_run_and_dvc(tiny_project, prefect_server, monkeypatch):
+    """`cfsp run` in a DVC project: its stages land where dvc.yaml declares them and are
+    committed (dvc.lock, .dvc/cache: `dvc status` is clean, `dvc repro` has nothing to do);
+    dvc.yaml's `track` stage logs the same MLflow runs and tags; `dvc exp run` then runs only
+    the new stages, and experiments compare."""
+    import mlflow
+    import yaml
+
+    from flows.compress import run_sweep
+
+    _dvc_project(tiny_project)
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    [summary] = run_sweep(load_params("params.yaml"))
+    assert not (tiny_project / "out/store").exists()
+    status = _cli(tiny_project, "dvc", "status")
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    lock = yaml.safe_load((tiny_project / "dvc.lock").read_text())["stages"]
+    assert {"prepare@tiny", "reconstruct@tiny-0.4-cfsp", "track"} <= set(lock)
+    weights = tiny_project / summary["checkpoint"] / "model.safetensors"
+    assert weights.stat().st_nlink >= 2  # the workspace file is the cache's (hard link)
+    again = _cli(tiny_project, "dvc", "repro")
+    assert again.returncode == 0 and "Running stage" not in again.stdout, again.stdout
+
+    client = mlflow.MlflowClient(f"sqlite:///{tiny_project / 'out/mlflow.db'}")
+    prefect_run = client.get_run(summary["mlflow_run_id"])
+    tags = prefect_run.data.tags
+    assert tags["dvc.lineage"] == "dvc.lock"
+    md5 = next(o["md5"] for o in lock["reconstruct@tiny-0.4-cfsp"]["outs"])
+    assert tags["dvc.checkpoint.md5"] == md5 and tags["dvc.checkpoint.stage"] in lock
+    # The same MLflow runs when DVC starts them: dvc.yaml's final stage.
+    tracked = _cli(tiny_project, "dvc", "repro", "--force", "--single-item", "track")
+    assert tracked.returncode == 0, tracked.stdout + tracked.stderr
+    first, second = _children(client, "tiny-p0.4-cfsp")
+    assert first.info.run_id == prefect_run.info.run_id
+    assert set(second.data.tags) == set(tags) and set(second.data.metrics) == set(
+        prefect_run.data.metrics
+    )
+    assert second.data.tags["dvc.checkpoint.md5"] == md5
+    assert second.data.tags["prefect.flow_run_id"] == "none"
+    parents = {r.data.tags["mlflow.parentRunId"] for r in (first, second)}
+    assert len(parents) == 2 and all(
+        client.get_run(p).data.tags["dvc.lineage"] == "dvc.lock" for p in parents
+    )
 
     _cli(tiny_project, "git", "add", "-A")
     _cli(tiny_project, "git", "commit", "-qm", "lineage")
@@ -215,7 +274,18 @@ def test_dvc_repro_lineage_and_experiments(tiny_project):
     assert exp.returncode == 0, exp.stdout + exp.stderr
     assert "Running stage 'evaluate@tiny-0.3-cfsp'" in exp.stdout
     assert "Running stage 'capture@tiny'" not in exp.stdout  # shared upstream reused
+    assert "Running stage 'track'" in exp.stdout
+    metrics = _cli(tiny_project, "dvc", "metrics", "show")
+    assert "metrics/tiny/cfsp-p0.3.json" in metrics.stdout
     _compare_experiments(tiny_project, "b03")
+
+    # The other way round: `cfsp run` of the experiment's params (left in the workspace) reuses
+    # the stage records DVC's stages wrote; nothing is recomputed, and DVC stays up to date.
+    weights = tiny_project / "out/dvc/tiny/cfsp-p0.3/reconstructed/model.safetensors"
+    written = weights.stat().st_mtime_ns
+    [reused] = run_sweep(load_params("params.yaml"))
+    assert reused["budget"] == 0.3 and weights.stat().st_mtime_ns == written
+    assert "up to date" in _cli(tiny_project, "dvc", "status").stdout
 
 
 def _compare_experiments(project: Path, name: str) -> None:
@@ -273,24 +343,28 @@ def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory,
         (shutil.copytree if src.is_dir() else shutil.copy)(src, fresh / name)
     cmd = (sys.executable, "-m", "cfsp.cli", "run")
     assert _run_with_fault(tiny_project, cmd, CFSP_FAULT_KILL_AFTER_BLOCK="0") == -signal.SIGKILL
-    store = tiny_project / "out/store"
-    assert any((store / "prepare").iterdir())  # the finished stage stays
-    captured = store / "capture"  # no finished capture exists, half-written or not
-    assert not captured.exists() or not [p for p in captured.iterdir() if p.name[0] != "."]
-    # Then SIGKILL at every stage boundary in turn: artifact written, task not yet recorded.
+    from cfsp.pipeline.store import RECORD, stage_dir
+
+    def folder(stage: str) -> Path:
+        return stage_dir(tiny_project / "out", stage, "tiny", 0.4, "cfsp")
+
+    assert (folder("prepare") / RECORD).is_file()  # the finished stage stays, recorded
+    assert not folder("capture").exists()  # no finished capture exists, half-written or not
+    # Then SIGKILL at every stage boundary in turn: artifact written, not yet recorded.
     for stage in ("capture", "allocate", "prune", "reconstruct", "evaluate"):
         code = _run_with_fault(tiny_project, cmd, CFSP_FAULT_KILL_AFTER_STAGE=stage)
         assert code == -signal.SIGKILL, (stage, (tiny_project / "killed.log").read_text()[-2000:])
-        assert any((store / stage).iterdir())
+        assert folder(stage).is_dir() and not (folder(stage) / RECORD).exists()
     resumed = _cli(tiny_project, *cmd)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     clean = _cli(fresh, *cmd)
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     def weights(root: Path) -> list[str]:
-        return [sha256_file(p) for p in sorted((root / "out/store").glob("*/*/model.safetensors"))]
+        return [sha256_file(p) for p in sorted((root / "out/dvc").glob("*/*/*/model.safetensors"))]
 
-    assert weights(tiny_project) == weights(fresh) and len(weights(fresh)) == 2
+    assert weights(tiny_project) == weights(fresh) and len(weights(fresh)) == 3  # pruned,
+    # reconstructed, and model (recovery off: hard links to reconstructed, as in dvc.yaml)
 
 
 def test_unreachable_tracking_server_fails_before_work(tiny_project, prefect_server, monkeypatch):
@@ -303,7 +377,7 @@ def test_unreachable_tracking_server_fails_before_work(tiny_project, prefect_ser
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
     with pytest.raises(CfspError, match="not reachable"):
         run_sweep(load_params("params.yaml"))
-    assert not (tiny_project / "out/store").exists()
+    assert not (tiny_project / "out/dvc").exists()
 
 
 def test_unreachable_prefect_server_is_one_clear_error(tiny_project):
@@ -320,7 +394,7 @@ def test_unreachable_prefect_server_is_one_clear_error(tiny_project):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "Prefect is not available" in errors[0]
     assert "Traceback" not in proc.stderr
-    assert not (tiny_project / "out/store").exists()
+    assert not (tiny_project / "out/dvc").exists()
 
 
 def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypatch):
@@ -376,7 +450,7 @@ def test_flow_with_recovery_logs_the_loss_curve(tiny_project, prefect_server, mo
     params = load_params("params.yaml")
     heal = RECOVER.model_copy(update={"enabled": True}).model_dump()
     [summary] = run_sweep(validate(type(params), {**params.model_dump(), "recover": heal}))
-    assert "/store/recover/" in summary["checkpoint"]
+    assert summary["checkpoint"] == "out/dvc/tiny/cfsp-p0.4/model"  # the recover stage's
     assert read_manifest(summary["checkpoint"])["recover"]["mode"] == "ig"
     client = mlflow.MlflowClient(f"sqlite:///{tiny_project / 'out/mlflow.db'}")
     run = client.get_run(summary["mlflow_run_id"])

@@ -8,18 +8,56 @@ import pytest
 import yaml
 
 from cfsp.config import Params
-from cfsp.pipeline.registry import STAGES, cache_key, content_hash, enabled, sections
+from cfsp.pipeline import store
+from cfsp.pipeline.registry import (
+    STAGES,
+    TRACK,
+    TRACK_CODE,
+    TRACK_PARAMS,
+    content_hash,
+    enabled,
+    sections,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
 
 def _outs(stage: dict) -> list[str]:
-    return [o if isinstance(o, str) else next(iter(o)) for o in stage["outs"]]
+    return [o if isinstance(o, str) else next(iter(o)) for o in stage.get("outs", [])]
 
 
 def test_dvc_declares_the_registered_stages():
-    assert list(DVC) == list(STAGES)
+    assert list(DVC) == [*STAGES, TRACK]
+
+
+def test_dvc_track_stage_agrees_with_the_registry():
+    track = DVC[TRACK]
+    assert track["cmd"] == f"cfsp stage {TRACK}" and "outs" not in track
+    assert sorted(track["deps"]) == sorted([*TRACK_CODE, "metrics"])  # every evaluation's
+    assert sorted(track["params"]) == sorted(TRACK_PARAMS)
+    assert all((ROOT / path).exists() for path in TRACK_CODE)
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_store_folders_are_dvc_outs(name):
+    """`cfsp run` writes each stage where dvc.yaml declares its output (one store)."""
+    [out] = _outs(DVC[name])
+    rendered = store.folder(name, "${item.model}", "${item.budget}", "${item.method}")
+    assert out == f"${{output}}/dvc/{rendered}"
+    side = [next(iter(m)) for m in DVC[name].get("metrics", []) + DVC[name].get("plots", [])]
+    expected = store.side_output(name, "${item.model}", "${item.budget}", "${item.method}")
+    assert side == ([expected] if expected else [])
+    assert all(next(iter(m.values()))["cache"] is False
+               for m in DVC[name].get("metrics", []) + DVC[name].get("plots", []))  # fmt: skip
+
+
+def test_store_paths_stay_inside_the_output():
+    assert store.stage_dir("out", "allocate", "tiny", 0.4, "cfsp") == Path(
+        "out/dvc/tiny/cfsp-p0.4/allocate"
+    )
+    odd = store.stage_dir("out", "prepare", "/abs/../model dir", None, None)
+    assert odd.parent.parent == Path("out/dvc") and ".." not in odd.parts
 
 
 @pytest.mark.parametrize("name", list(STAGES))
@@ -47,21 +85,29 @@ def test_every_stage_has_a_cli_command(name):
     assert STAGES[name].command in commands
 
 
-def test_cache_keys_follow_the_declared_sections():
+def test_record_keys_follow_the_declared_sections():
     base = Params()
     other_eval = base.model_copy(update={"evaluate": base.evaluate.model_copy(update={"limit": 3})})
     run = {"method": "cfsp", "budget": 0.3}
+
+    def key(name, params, run):
+        return store.stage_key(name, ["k"], sections(name, params), run)
+
     for name in STAGES:
-        same = cache_key(name, ["k"], base, run) == cache_key(name, ["k"], other_eval, run)
+        same = key(name, base, run) == key(name, other_eval, run)
         assert same == ("evaluate" not in STAGES[name].params), name
-    assert cache_key("allocate", ["k"], base, run) != cache_key("allocate", ["k"], base, {})
-    assert cache_key("capture", ["k"], base, run) == cache_key("capture", ["k"], base, {})
+    assert key("allocate", base, run) != key("allocate", base, {})
+    assert key("capture", base, run) == key("capture", base, {})
+    assert key("evaluate", base, run) == key("evaluate", base, None)  # reads no run config
+    assert store.stage_key("capture", ["other"], sections("capture", base), None) != key(
+        "capture", base, None
+    )
     assert set(sections("recover", base)) == {
         "recover", "allocate.temperature", "allocate.control", "dtype", "device"
     }  # fmt: skip
     on_cpu = base.model_copy(update={"device": "cpu"})
     for name in STAGES:  # the device is part of the key of every stage that runs the model
-        moved = cache_key(name, ["k"], base, run) != cache_key(name, ["k"], on_cpu, run)
+        moved = key(name, base, run) != key(name, on_cpu, run)
         assert moved == (name != "prepare"), name
     assert not enabled("recover", base) and enabled("prune", base)
 

@@ -53,7 +53,10 @@ def test_remote_code_is_never_switched_on_in_code():
 def test_prefect_results_are_json_not_pickle():
     from tasks import stages
 
-    assert stages.CACHED["result_serializer"] == "json"
+    # The stage record (cfsp.pipeline.store) is the cache; Prefect persists nothing, and would
+    # persist JSON if it were ever switched on.
+    assert stages.STAGE_TASK["result_serializer"] == "json"
+    assert stages.STAGE_TASK["persist_result"] is False
 
 
 def test_non_finite_activations_stop_capture():

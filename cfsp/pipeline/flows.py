@@ -1,11 +1,13 @@
 """Prefect flows: `sweep` over models x budgets x methods, and `compress` for one of each.
 
 The flow only wires the registered stages (cfsp.pipeline.registry) together; every stage is a
-cached task that exchanges artifact paths and content hashes. Artifacts live under
-`<output>/store/<stage>/<key>`, where the key (`registry.cache_key`) is a digest of everything
-upstream (model content key, declared parameter sections, the run's pruning config), so the
-same inputs always land in the same place and a rerun is served from cache. Summaries, metric
-names and reports come from the library (cfsp.report, cfsp.metrics).
+task that exchanges artifact paths and content hashes. Artifacts live in the one store, at the
+folders dvc.yaml declares (`<output>/dvc/MODEL/...`, cfsp.pipeline.store), and a stage whose
+folder holds a fresh record of the same inputs is not run again. After the stages, the run's
+lineage is recorded in DVC when the working directory is the DVC project and the run's params
+are params.yaml's (cfsp.pipeline.lineage: `dvc commit`, so dvc.lock and .dvc/cache hold it);
+the final step (cfsp.pipeline.publish, shared with dvc.yaml's `track` stage) writes the reports
+and the MLflow runs, tagged with those dvc.lock entries.
 """
 
 from __future__ import annotations
@@ -13,176 +15,105 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from cfsp.config import Params, prune_config
-from cfsp.export import write_exports
-from cfsp.io import read_json, write_json
+from cfsp.io import read_json
 from cfsp.metrics import render_table
-from cfsp.pipeline.keys import model_key, run_name, slug, sweep_name
-from cfsp.pipeline.registry import STAGES, cache_key, enabled, sections
+from cfsp.pipeline import lineage as dvc_lineage
+from cfsp.pipeline.keys import run_name, slug, sweep_name
+from cfsp.pipeline.publish import grid_of, publish, start_parent, summarize
+from cfsp.pipeline.registry import STAGES, sections
+from cfsp.pipeline.store import side_output, stage_dir, write_side_output
 from cfsp.pipeline.tasks import TASKS
 from cfsp.pipeline.tracking import lineage_tags, preflight, track
 from cfsp.preflight import check_params
-from cfsp.report import allocation_rows, results_table, run_summary, sweep_report, write_run_report
-from cfsp.report_sweeps import sweep_protocol
-from cfsp.tracking import RunRecord, Sweep, end_sweep, start_sweep
+from cfsp.report import allocation_rows, results_table
+from cfsp.tracking import end_sweep
 
 
-def _submit(stage: str, store: Path, key: str, **kwargs):
-    """Submit a cached stage; recompute when the artifact its cache record names is gone."""
-    out = store / stage / key
-    task_fn = TASKS[stage].with_options(refresh_cache=not out.exists())
-    return task_fn.submit(stage=stage, out=str(out), **kwargs)
-
-
-def _branch(params: Params, model: str, store: Path, mk: str, done: dict, prune=None) -> dict:
-    """Submit every registered stage of one model (prune=None) or of one (budget, method) run
-    on top of the model's own stages (`done`: {stage: (key, future)}), in registry order."""
-    per_method = prune is not None
+def _branch(params: Params, model: str, done: dict, run: tuple | None = None) -> dict:
+    """Submit every registered stage of one model (run=None) or of one run = (model, budget,
+    method) on top of the model's own stages (`done`: {stage: future}), in registry order, each
+    into its folder of the store. A disabled stage (recover) still runs: it passes its input on
+    as hard links, as in dvc.yaml."""
+    per_method = run is not None
+    where = (run[1], run[2]) if per_method else (None, None)
+    prune = _prune_dict(params, *run) if per_method else None
     out = {}
     for name, stage in STAGES.items():
         if stage.per_method != per_method:
             continue
         seen = {**done, **out}
-        if not enabled(name, params):
-            out[name] = seen[stage.inputs[-1]]  # a disabled stage passes its input on
-            continue
-        upstream = [seen[i][0] for i in stage.inputs] or [mk]
-        key = cache_key(name, upstream, params, prune)
-        future = _submit(
-            name,
-            store,
-            key,
+        out[name] = TASKS[name].submit(
+            stage=name,
             model=model,
-            model_key=mk,
-            inputs={i: seen[i][1] for i in stage.inputs},
+            out=str(stage_dir(params.output, name, model, *where)),
+            inputs={i: seen[i] for i in stage.inputs},
             sections=sections(name, params),
             prune=prune,
             reference=model if per_method and name.startswith("evaluate") else None,
         )
-        out[name] = (key, future)
     return out
 
 
-def _records(params: Params, futures: dict) -> dict[str, dict]:
-    """The stage records of one run; the recover record only when it ran."""
-    return {
-        name: future.result()
-        for name, (_, future) in futures.items()
-        if name in STAGES and enabled(name, params)
-    }
+def _side_outputs(lineage, records: dict, run: tuple) -> None:
+    """metrics/ and plots/ files, as dvc.yaml's stages write them (only in the DVC project:
+    elsewhere they would litter the working directory)."""
+    if lineage.root is None:
+        return
+    model, budget, method = run
+    for stage, record in records.items():
+        where = (budget, method) if STAGES[stage].per_method else (None, None)
+        path = side_output(stage, model, *where)
+        if path is not None:
+            write_side_output(stage, lineage.root / path, record["info"])
 
 
-def _track(summary: dict, records: dict, params: Params, sweep: dict) -> dict:
-    """Per-run report next to the run's summary, then a new MLflow child run of the sweep."""
-    folder = Path(params.output) / "runs" / summary["name"]
-    report = write_run_report(summary, folder)
-    final = records.get("recover") or records["reconstruct"]
-    evaluated = read_json(Path(records["evaluate"]["path"]) / "metrics.json")
-    model, budget, method = summary["model"], summary["budget"], summary["method"]
-    record = RunRecord(
-        name=summary["name"],
-        params={
-            **{k: v for k, v in params.model_dump().items() if k not in GRID},
-            **{"model": model, "budget": budget, "method": method},
-            "prune": prune_config(params, method, budget).model_dump(),
-        },
-        metrics=summary["metrics"],
-        tags={"model": model, "budget": f"{budget:g}", "method": method, **lineage_tags()},
-        artifacts={
-            "": summary["files"] + summary.get("recover_files", []),
-            "report": [str(f) for f in report],
-        },
-        history={"recover/loss": summary["recover_losses"]} if summary["recover_losses"] else None,
-        calibration=records["prepare"]["info"],
-        evaluation={s: r.get("fingerprint") for s, r in evaluated["perplexity"].items()},
-        checkpoint={"path": final["path"], "digest": final["hash"]},
-    )
-    summary["mlflow_run_id"] = track(sweep, asdict(record))
-    write_json(folder / "summary.json", summary)
-    get_run_logger().info(
-        "%s: %s", summary["name"], {k: round(v, 4) for k, v in summary["metrics"].items()}
-    )
-    return summary
-
-
-GRID = ("models", "budgets", "methods")  # one value each per child run: logged as model, ...
-
-
-def _start_sweep(params: Params, grid: list[tuple[str, float, str]]) -> Sweep:
-    """The sweep's parent run: named after its models, holding the whole request."""
-    return start_sweep(
-        params.tracking.resolved_uri(params.output),
-        params.tracking.experiment,
-        sweep_name([g[0] for g in grid]),
-        params.model_dump(),
-        str(Path(params.output) / "mlartifacts"),
-        lineage_tags(),
-    )
-
-
-def _exports(summary: dict, params: Params) -> dict:
-    """The export kinds asked for besides compact, written beside the run's checkpoint; their
-    model cards state the quality measured here."""
-    quality = {
-        "perplexity (pruned)": summary["ppl"],
-        "perplexity (dense)": summary["dense_ppl"],
-        "evaluation": f"{params.evaluate.perplexity}, windows of {params.evaluate.seqlen} tokens",
-    }
-    return write_exports(summary["checkpoint"], params.export.kinds, params.dtype, quality=quality)
-
-
-def _summaries(params: Params, grid: list[tuple[str, float, str]], store: Path) -> list:
+def _summaries(params: Params, grid: list[tuple[str, float, str]], lineage) -> list:
     """Submit every stage of the grid; (summary, stage records) of each run, in grid order."""
-    keys = {m: model_key(m) for m in dict.fromkeys(g[0] for g in grid)}
-    bases = {m: _branch(params, m, store, keys[m], {}) for m in keys}
-    runs = [
-        (m, b, meth, _branch(params, m, store, keys[m], bases[m], _prune_dict(params, meth, b)))
-        for m, b, meth in grid
-    ]
+    models = list(dict.fromkeys(g[0] for g in grid))
+    bases = {m: _branch(params, m, {}) for m in models}
+    runs = [(run, _branch(params, run[0], bases[run[0]], run)) for run in grid]
     out = []
-    for model, budget, method, futures in runs:
-        name = run_name(model, method, budget)
-        records = _records(params, {**bases[model], **futures})
-        records.pop("evaluate-dense")
-        dense = bases[model]["evaluate-dense"][1].result()
-        summary = run_summary(name, model, budget, method, records, dense)
-        summary["exports"] = _exports(summary, params)
+    for run, futures in runs:
+        records = {name: f.result() for name, f in {**bases[run[0]], **futures}.items()}
+        _side_outputs(lineage, records, run)
+        summary = summarize(params, run, records, records["evaluate-dense"])
         allocation = read_json(Path(records["allocate"]["path"]) / "allocation.json")
+        key = slug(summary["name"]).lower().replace("_", "-").replace(".", "-")
         create_markdown_artifact(
-            key=f"allocation-{slug(name).lower().replace('_', '-').replace('.', '-')}"[:60],
+            key=f"allocation-{key}"[:60],
             markdown=render_table(allocation_rows(allocation)),
-            description=f"Per-block allocation of {name}",
+            description=f"Per-block allocation of {summary['name']}",
         )
         out.append((summary, records))
     return out
 
 
 def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
-    store = Path(params.output) / "store"
     preflight(params.tracking.resolved_uri(params.output))
-    parent = _start_sweep(params, grid)
-    summaries, sweep_files = [], []
+    lineage = dvc_lineage.plan(params, grid)
+    dvc_lineage.warn_unrecorded(lineage)
+    prefect_tags = lineage_tags()
+    parent = start_parent(params, grid, prefect_tags)  # its DVC tags once committed
     try:
-        runs = _summaries(params, grid, store)
-        summaries = [summary for summary, _ in runs]
-        protocol = sweep_protocol(params, parent)
-        sweep_files = sweep_report(summaries, Path(params.output) / "report", protocol)
-        report = str(next(f for f in sweep_files if f.name == "report.html"))
-        for s in summaries:
-            s["sweep_report"], s["mlflow_parent_run_id"] = report, parent.run_id
-        summaries = [_track(s, records, params, asdict(parent)) for s, records in runs]
+        runs = _summaries(params, grid, lineage)
+        lineage = dvc_lineage.commit(lineage, dvc_lineage.grid_targets(grid))
+        sweep_tags = dvc_lineage.sweep_tags(lineage)  # dvc.lock as the child runs see it
+        summaries, sweep_files = publish(params, parent, runs, lineage, prefect_tags, _log_run)
+        if grid == grid_of(params):  # the whole sweep: dvc.yaml's `track` stage is done too
+            lineage = dvc_lineage.commit(lineage, [dvc_lineage.TRACK])
     except BaseException:
         with contextlib.suppress(Exception):  # the sweep's own error is the one to report
             end_sweep(parent, ok=False)
         raise
-    end_sweep(parent, ok=True, files=[str(f) for f in sweep_files])
+    files = [str(f) for f in sweep_files]
+    end_sweep(parent, ok=True, files=files, tags=sweep_tags)
     create_markdown_artifact(
         key="evaluation-summary",
         markdown=results_table(summaries),
@@ -191,7 +122,11 @@ def run_grid(params: Params, grid: list[tuple[str, float, str]]) -> list[dict]:
     return summaries
 
 
-def _prune_dict(params: Params, method: str, budget: float) -> dict:
+def _log_run(sweep: dict, record: dict) -> str:
+    return track(sweep, record)
+
+
+def _prune_dict(params: Params, model: str, budget: float, method: str) -> dict:
     return prune_config(params, method, budget).model_dump()
 
 
@@ -257,7 +192,7 @@ def _log_to_prefect() -> None:
 def sweep(params: Params) -> list[dict]:
     """Every model x budget x method of a params.yaml, sharing per-model stages."""
     _log_to_prefect()
-    grid = [(m, b, meth) for m in params.models for b in params.budgets for meth in params.methods]
+    grid = grid_of(params)
     start = time.perf_counter()
     with _runner_of(params):
         out = run_grid(params, grid)

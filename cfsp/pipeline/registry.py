@@ -3,8 +3,8 @@
 A `Stage` names its library function, the upstream stages whose artifacts it reads, the files
 it writes, the params.yaml sections its output depends on, and the library sources it runs.
 From this one table come the Prefect tasks (cfsp.pipeline.tasks), the `cfsp stage` commands
-(cfsp.cli), the cache keys of `cfsp run` (`cache_key`) and the checks that dvc.yaml declares
-the same graph (tests/test_registry.py).
+(cfsp.cli), the stage records' keys and folders (cfsp.pipeline.store) and the checks that
+dvc.yaml declares the same graph (tests/test_registry.py).
 
 Every stage is called the same way, `run_stage(name, ctx)`: a `StageContext` holds the model,
 the upstream artifact folders by stage name, the declared parameter sections, the resolved
@@ -139,6 +139,19 @@ STAGES: dict[str, Stage] = {
 }  # fmt: skip
 
 
+# dvc.yaml's final stage, `cfsp stage track` (not a Stage: one per sweep, after every run's
+# evaluation, whose metrics/ files are its data dependency): the sweep's MLflow runs.
+TRACK = "track"
+TRACK_CODE = (
+    "cfsp/pipeline/publish.py",
+    "cfsp/pipeline/lineage.py",
+    "cfsp/report.py",
+    "cfsp/tracking.py",
+    "cfsp/tracking_io.py",
+)
+TRACK_PARAMS = ("models", "budgets", "methods", "export", "tracking")
+
+
 def _lookup(params: Params, dotted: str):
     value = params.model_dump()
     for part in dotted.split("."):
@@ -155,13 +168,6 @@ def enabled(stage: str, params: Params) -> bool:
 def sections(stage: str, params: Params) -> dict:
     """The parameter sections `stage` declares, as plain values ("a.b" picks one key of a)."""
     return {name: _lookup(params, name) for name in STAGES[stage].params}
-
-
-def cache_key(stage: str, upstream: list[str], params: Params, run: dict | None = None) -> str:
-    """Where `stage`'s artifact lives in the store: a digest of the upstream keys (or the
-    model's content key), the declared sections, and the run's pruning config if per-method."""
-    run = run if STAGES[stage].per_method else None
-    return digest(stage, upstream, sections(stage, params), run)
 
 
 def content_hash(stage: str, out: Path) -> str:

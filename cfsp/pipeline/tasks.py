@@ -1,25 +1,24 @@
 """The Prefect tasks, one per registered stage (cfsp.pipeline.registry), all built from one
-function: run the stage, return a small JSON record (artifact folder, content hash, seconds).
+function: run the stage into its folder of the one store (cfsp.pipeline.store), return its small
+JSON record (artifact folder, content hash, seconds, the stage's result).
 
-Caching: the key is the task's inputs (model content key, the stage's declared parameter
-sections, the run's pruning config, upstream records, the content-addressed output folder)
-plus the task's source, never the run id; results are persisted as JSON (never pickle). A flow
-passes `refresh_cache=True` when the folder a cached record points to has disappeared, so the
-stage runs again instead of returning a dangling path.
+Caching is the store's, not Prefect's: a stage whose folder holds a record of the same key with
+matching content is not run again (`store.run_recorded`, shared with `cfsp stage` and so with
+`dvc repro`). Prefect keeps no result cache of its own (a cached Prefect record could name a
+folder that DVC or a later run has since replaced) and persists nothing (never pickle).
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 from prefect import task
-from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.cache_policies import NO_CACHE
 
 from cfsp.errors import UsageError
-from cfsp.faults import kill_point
 from cfsp.pipeline.keys import slug
-from cfsp.pipeline.registry import STAGES, StageContext, content_hash, run_stage
+from cfsp.pipeline.registry import STAGES, StageContext
+from cfsp.pipeline.store import run_recorded
 
 
 def retry_unless_usage_error(task, task_run, state) -> bool:
@@ -27,9 +26,9 @@ def retry_unless_usage_error(task, task_run, state) -> bool:
     return not isinstance(state.data, UsageError)
 
 
-CACHED = dict(
-    cache_policy=INPUTS + TASK_SOURCE,
-    persist_result=True,
+STAGE_TASK = dict(
+    cache_policy=NO_CACHE,
+    persist_result=False,
     result_serializer="json",
     retries=1,
     retry_delay_seconds=2,
@@ -40,16 +39,14 @@ CACHED = dict(
 def _run(
     stage: str,
     model: str,
-    model_key: str,
     out: str,
     inputs: dict[str, dict] | None = None,
     sections: dict | None = None,
     prune: dict | None = None,
     reference: str | None = None,
 ) -> dict:
-    """Run `stage`; `inputs` are the upstream tasks' records by stage name. `model_key` only
-    keys the cache (a model spec's content)."""
-    start = time.perf_counter()
+    """Run `stage` (or reuse its fresh record); `inputs` are the upstream tasks' records by
+    stage name."""
     ctx = StageContext(
         model=model,
         out=Path(out),
@@ -58,10 +55,7 @@ def _run(
         prune=prune,
         reference=reference,
     )
-    info = run_stage(stage, ctx)
-    seconds = round(time.perf_counter() - start, 3)
-    kill_point("CFSP_FAULT_KILL_AFTER_STAGE", Path(out).parent.name)  # tests only
-    return {"path": out, "hash": content_hash(stage, Path(out)), "stage_s": seconds, "info": info}
+    return run_recorded(stage, ctx)
 
 
 def task_run_name(parameters: dict) -> str:
@@ -73,4 +67,4 @@ def task_run_name(parameters: dict) -> str:
     return f"{stage}-{slug(Path(model).name or model)}"
 
 
-TASKS = {name: task(name=name, task_run_name=task_run_name, **CACHED)(_run) for name in STAGES}
+TASKS = {name: task(name=name, task_run_name=task_run_name, **STAGE_TASK)(_run) for name in STAGES}

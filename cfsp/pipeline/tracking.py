@@ -6,19 +6,16 @@ from __future__ import annotations
 from prefect import task
 
 from cfsp.pipeline.tasks import retry_unless_usage_error
-from cfsp.tracking import RunRecord, Sweep, file_sha256, log_child
+from cfsp.tracking import RunRecord, Sweep, log_child
 from cfsp.tracking import check_tracking_uri as check_tracking_uri  # re-exported
 from cfsp.tracking import preflight as preflight  # re-exported for the flows
 
 
 def lineage_tags() -> dict[str, str]:
-    """This execution's Prefect flow run and the dvc.lock of the working directory."""
+    """This execution's Prefect flow run (the DVC lineage tags: cfsp.pipeline.lineage)."""
     from prefect.runtime import flow_run
 
-    return {
-        "prefect.flow_run_id": str(flow_run.get_id() or "none"),
-        "dvc.lock.sha256": file_sha256("dvc.lock"),
-    }
+    return {"prefect.flow_run_id": str(flow_run.get_id() or "none")}
 
 
 @task(
