@@ -272,25 +272,26 @@ def prune_cmd(
         ),
     ] = "compact",
     stream: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Block-streamed engine: weights read and written block by block, memory bounded "
-            "by one block (opt-in; a safetensors directory or alias; compact export only)."
+            "--stream/--in-memory",
+            help="Engine. Default: block-streamed (weights read and written block by block, "
+            "memory bounded by one block) for a safetensors directory or alias and the compact "
+            "export; otherwise in memory (GGUF, hub ids, padded/uniform exports, remote code).",
         ),
-    ] = False,
+    ] = None,
     device: Annotated[
         str | None,
-        typer.Option(help="With --stream: auto (the GPU when there is one), cpu, cuda or cuda:N."),
+        typer.Option(help="Streamed engine: auto (the GPU if there is one), cpu, cuda or cuda:N."),
     ] = None,
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.config import CalibConfig, PruneConfig, validate
     from cfsp.io import parse_shard_size
     from cfsp.pruning import prune_to_checkpoint
+    from cfsp.pruning_streamed import engine_for
 
     parse_shard_size(max_shard_size)  # a bad size fails now, not after the pruning
-    if device is not None and not stream:
-        raise UsageError("--device applies to --stream only (the in-memory engine runs on the CPU)")
 
     prune_values = {
         "budget": budget,
@@ -315,6 +316,11 @@ def prune_cmd(
         "calibration options",
     )
     options = {"overwrite": overwrite, "max_shard_size": max_shard_size, "export": export}
+    stream = engine_for(model, export, stream, trust_remote_code)
+    if device is not None and not stream:
+        raise UsageError(
+            "--device applies to the streamed engine only (the in-memory engine runs on the CPU)"
+        )
     if stream:
         from cfsp.pruning_streamed import prune_streamed_to_checkpoint
 

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from cfsp.config import CalibConfig, PruneConfig
 from cfsp.errors import UsageError
 from cfsp.export import MAX_SHARD_SIZE
+from cfsp.faults import signal_point
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,28 @@ def stream_source(spec: str, trust_remote_code: bool = False):
     if getattr(config, "cfsp_layer_widths", None):
         raise UsageError(f"{spec} is already pruned to per-block widths; prune the dense model")
     return path, revision, config
+
+
+def engine_for(model_spec: str, export: str | list[str], stream: bool | None, trust: bool):
+    """True to prune block-streamed, False in memory: `stream` when given (--stream /
+    --in-memory), else streamed whenever it can be (a safetensors directory or an alias, the
+    compact export, no remote code); the reason for falling back is logged."""
+    from cfsp.export import parse_exports
+    from cfsp.models import _resolve_spec
+
+    if stream is not None:
+        return stream
+    kind, _ = _resolve_spec(model_spec)
+    reason = None
+    if kind not in ("dir", "alias"):
+        reason = f"{model_spec} is a {'GGUF file' if kind == 'gguf' else 'hub id'}"
+    elif parse_exports(export) != ["compact"]:
+        reason = "the padded and uniform exports need the whole pruned model"
+    elif trust:
+        reason = "a model with remote code is built by its own code (not as a skeleton)"
+    if reason is not None:
+        log.info("pruning in memory: %s", reason)
+    return reason is None
 
 
 def check_stream_export(export: str | list[str]) -> None:
@@ -104,10 +127,12 @@ def prune_streamed_to_checkpoint(
         calib.source, tokenizer, calib.nsamples, calib.seqlen, calib.seed, skeleton
     )
     timings = {"load_and_prepare": time.perf_counter() - t0}
+    signal_point("load")  # tests only: an interrupt before anything is written
     with atomic_dir(out) as tmp:
         outcome = prune_streamed(
             path, windows, prune, tmp, torch_dtype, torch_device, batch_size, config, shard_limit
         )
+        signal_point("export")  # tests only: a signal while the checkpoint is half-written
         timings.update({f"stream_{k}": v for k, v in outcome.report.timings.items()})
         loaded = SimpleNamespace(path=str(path), revision=revision, model=outcome.shadow)
         manifest = build_manifest(

@@ -282,7 +282,7 @@ def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory,
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     def weights(root: Path) -> list[str]:
-        return [sha256_file(p) for p in sorted((root / "out/store").glob("*/*/model.safetensors"))]
+        return [sha256_file(p) for p in sorted((root / "out/store").glob("*/*/model*.safetensors"))]
 
     assert weights(tiny_project) == weights(fresh) and len(weights(fresh)) == 2
 

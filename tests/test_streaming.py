@@ -22,6 +22,9 @@ from tests.conftest import random_windows, run_cli, tiny_model
 FAMILIES = ["llama-gqa", "gemma3-kv1", "phi3-gqa", "qwen3-gqa"]  # LLaMA with GQA, 1 KV head,
 # two layer types, fused projections, stock attention biases
 BATCH = 4  # 6 windows: two batches, the same in both engines
+# The streamed engine keeps its Gram matrices in float32 (spilled per block), the in-memory one
+# in float64: the folded weights agree to float32 rounding amplified by the damped solve.
+GRAM_ATOL, GRAM_RTOL = 1e-5, 1e-4
 
 
 def _in_memory(src, windows, cfg, out, tokenizer=None):
@@ -40,14 +43,16 @@ def _assert_same(model, report, outcome, out, windows):
     want, got = model.state_dict(), streamed.state_dict()
     assert set(got) == set(want)
     for key, value in want.items():
-        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6, msg=key)
+        torch.testing.assert_close(
+            got[key], value, atol=GRAM_ATOL, rtol=GRAM_RTOL, msg=lambda m, k=key: f"{k}: {m}"
+        )
     with torch.no_grad():
         torch.testing.assert_close(
-            streamed(windows.ids).logits, model(windows.ids).logits, atol=1e-5, rtol=1e-5
+            streamed(windows.ids).logits, model(windows.ids).logits, atol=GRAM_ATOL, rtol=GRAM_RTOL
         )
     for key in ("o_after", "down_after"):
         assert [r[key] for r in outcome.report.errors] == pytest.approx(
-            [r[key] for r in report.errors], rel=1e-6, abs=1e-9
+            [r[key] for r in report.errors], rel=GRAM_RTOL, abs=1e-9
         )
 
 

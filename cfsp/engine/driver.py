@@ -25,7 +25,7 @@ from cfsp.engine.allocate import achieved_fraction, check_budget
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.importance import fine_scores
 from cfsp.engine.plan import BlockCounts, BlockPlan, Geometry, PrunePlan
-from cfsp.engine.reconstruct import fold, relative_error
+from cfsp.engine.reconstruct import fold, output_energy, relative_error
 from cfsp.engine.registry import ALLOCATIONS
 from cfsp.engine.slicing import apply_plan, select, update_config
 from cfsp.engine.statistics import BlockStats, Statistics
@@ -183,10 +183,13 @@ def prune_block(
     ):
         w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)
         plain_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.double()
+        total = output_energy(layer.weight, layer.bias, st)  # shared by both errors
         row[f"{name}_before"] = relative_error(
-            layer.weight, layer.bias, st, keep, layer.weight.double()[:, keep], plain_b
+            layer.weight, layer.bias, st, keep, layer.weight.double()[:, keep], plain_b, total
         )
-        row[f"{name}_after"] = relative_error(layer.weight, layer.bias, st, keep, w_new, b_new)
+        row[f"{name}_after"] = relative_error(
+            layer.weight, layer.bias, st, keep, w_new, b_new, total
+        )
         folded[name] = (w_new, b_new)
     apply_plan(adapter, block, plan, head_dim)
     p = adapter.parts(block)
