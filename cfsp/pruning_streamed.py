@@ -95,9 +95,11 @@ def prune_streamed_to_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = MAX_SHARD_SIZE,
     export: str | list[str] = "compact",
+    text=None,
 ) -> dict:
     """prune_to_checkpoint, block-streamed: same request, same checkpoint, bounded memory.
-    One shard per block and per module outside the blocks (each under `max_shard_size`)."""
+    One shard per block and per module outside the blocks (each under `max_shard_size`).
+    `text`: calibration text held in memory (cfsp.data.Text), instead of `calib.source`."""
     from transformers import AutoTokenizer
 
     from cfsp.arch import adapter_for
@@ -114,7 +116,8 @@ def prune_streamed_to_checkpoint(
     torch_dtype, torch_device = parse_dtype(dtype), resolve_device(device)
     path, revision, config = stream_source(model_spec, trust_remote_code)
     adapter_for(config)
-    check_source(calib.source, "calibration")
+    if text is None:
+        check_source(calib.source, "calibration")
     request = run_request(model_spec, calib, prune, dtype)
     guard_output(out, request, overwrite)
     t0 = time.perf_counter()
@@ -124,7 +127,7 @@ def prune_streamed_to_checkpoint(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     windows = calibration_windows(
-        calib.source, tokenizer, calib.nsamples, calib.seqlen, calib.seed, skeleton
+        text or calib.source, tokenizer, calib.nsamples, calib.seqlen, calib.seed, skeleton
     )
     timings = {"load_and_prepare": time.perf_counter() - t0}
     signal_point("load")  # tests only: an interrupt before anything is written

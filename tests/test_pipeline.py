@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from cfsp.config import RecoverConfig, load_params, validate
 from cfsp.export import read_manifest, verify_checkpoint
@@ -327,6 +328,13 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
     out = tiny_project / "stages"
     stages.prepare("tiny", p.prepare, out / "prepare")
     stages.capture_stage("tiny", out / "prepare", out / "capture")
+    # The capture is pass 1 of the streamed engine: an O(width) moments file and one file of
+    # Gram matrices per block (nothing width^2 holds more than one block).
+    grams = sorted(f.name for f in (out / "capture/grams").iterdir())
+    assert grams == ["block-00000.safetensors", "block-00001.safetensors"]
+    with safe_open(str(out / "capture/moments.safetensors"), "pt") as handle:
+        assert all(handle.get_slice(k).get_shape()[0] <= 96 for k in handle.keys())  # noqa: SIM118
+        assert all(len(handle.get_slice(k).get_shape()) == 1 for k in handle.keys())  # noqa: SIM118
     stages.allocate_stage("tiny", out / "capture", cfg, out / "allocate")
     stages.prune_stage("tiny", out / "capture", out / "allocate", cfg, out / "pruned")
     stages.reconstruct_stage(
@@ -344,8 +352,9 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
     # Recovery: disabled passes the checkpoint through; enabled heals it, same shapes.
     stages.recover_stage(out / "model", out / "capture", p.recover, out / "same")
     assert verify_checkpoint(out / "same") == []
-    assert sha256_file(out / "same/model.safetensors") == sha256_file(
-        out / "model/model.safetensors"
+    shards = sorted(f.name for f in (out / "model").glob("*.safetensors"))
+    assert shards and all(
+        sha256_file(out / "same" / name) == sha256_file(out / "model" / name) for name in shards
     )
     heal = RECOVER.model_copy(update={"enabled": True})
     info = stages.recover_stage(out / "model", out / "capture", heal, out / "healed")
