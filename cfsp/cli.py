@@ -316,7 +316,7 @@ def prune_cmd(
         "calibration options",
     )
     options = {"overwrite": overwrite, "max_shard_size": max_shard_size, "export": export}
-    stream = engine_for(model, export, stream, trust_remote_code)
+    stream = engine_for(model, export, stream, trust_remote_code, dtype, max_shard_size)
     if device is not None and not stream:
         raise UsageError(
             "--device applies to the streamed engine only (the in-memory engine runs on the CPU)"

@@ -49,10 +49,18 @@ def stream_source(spec: str, trust_remote_code: bool = False):
     return path, revision, config
 
 
-def engine_for(model_spec: str, export: str | list[str], stream: bool | None, trust: bool):
+def engine_for(
+    model_spec: str,
+    export: str | list[str],
+    stream: bool | None,
+    trust: bool,
+    dtype: str = "float32",
+    max_shard_size: str | int = MAX_SHARD_SIZE,
+) -> bool:
     """True to prune block-streamed, False in memory: `stream` when given (--stream /
     --in-memory), else streamed whenever it can be (a safetensors directory or an alias, the
-    compact export, no remote code); the reason for falling back is logged."""
+    compact export, no remote code, every block within `max_shard_size`); the reason for
+    falling back is logged."""
     from cfsp.export import parse_exports
     from cfsp.models import _resolve_spec
 
@@ -66,9 +74,29 @@ def engine_for(model_spec: str, export: str | list[str], stream: bool | None, tr
         reason = "the padded and uniform exports need the whole pruned model"
     elif trust:
         reason = "a model with remote code is built by its own code (not as a skeleton)"
+    elif not _shards_fit(model_spec, dtype, max_shard_size):
+        reason = "a block or embedding is larger than --max-shard-size (one shard each)"
     if reason is not None:
         log.info("pruning in memory: %s", reason)
     return reason is None
+
+
+def _shards_fit(model_spec: str, dtype: str, max_shard_size: str | int) -> bool:
+    """Whether every block and outside module fits one shard (headers and config only)."""
+    import torch
+
+    from cfsp.engine.streamed import open_stream
+    from cfsp.engine.streamed_layout import check_shard_limit, outside_groups
+    from cfsp.io import parse_shard_size
+    from cfsp.models import parse_dtype
+
+    path, _, config = stream_source(model_spec)
+    stream = open_stream(path, config, parse_dtype(dtype), torch.device("cpu"), 1)
+    try:
+        check_shard_limit(stream, outside_groups(stream), parse_shard_size(max_shard_size))
+    except UsageError:
+        return False
+    return True
 
 
 def check_stream_export(export: str | list[str]) -> None:

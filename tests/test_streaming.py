@@ -222,8 +222,11 @@ def test_cli_stream_writes_a_verified_checkpoint(tiny_project):
 
 
 def test_cli_stream_usage_errors(tiny_project):
-    code, _, err = run_cli("prune", "--model", "tiny", "--device", "cpu", cwd=tiny_project)
-    assert code == 2 and "--device applies to --stream" in err and "Traceback" not in err
+    code, _, err = run_cli(
+        "prune", "--model", "tiny", "--in-memory", "--device", "cpu", cwd=tiny_project
+    )
+    assert code == 2 and "--device applies to the streamed engine" in err
+    assert "Traceback" not in err
     code, _, err = run_cli(
         "prune", "--model", "tiny", "--stream", "--device", "gpu", cwd=tiny_project
     )
@@ -254,7 +257,8 @@ def test_cli_stream_shard_limit(tiny_project):
 
 @pytest.mark.slow
 def test_smollm2_streamed_equals_in_memory(tmp_path):
-    """The real model: same kept channels, same weights (float tolerance), same perplexity."""
+    """The real model: same kept channels, same weights (float32-Gram tolerance), the same
+    perplexity within 0.5%."""
     from cfsp.data import calibration_windows
     from cfsp.embedded import embedded_checkpoint
     from cfsp.evaluation.perplexity import perplexity
@@ -273,7 +277,7 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
     want, got = model.state_dict(), streamed.state_dict()
     assert set(got) == set(want)
     for key, value in want.items():
-        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-3, msg=key)
     test = calibration_windows("botchan:test", loaded.tokenizer, 8, 128, 1, model)
     ppl = perplexity(streamed, test, progress=False)["ppl"]
-    assert ppl == pytest.approx(perplexity(model, test, progress=False)["ppl"], rel=1e-5)
+    assert ppl == pytest.approx(perplexity(model, test, progress=False)["ppl"], rel=5e-3)
