@@ -1,6 +1,7 @@
-"""`cfsp prune --stream`: the block-streamed engine (cfsp.engine.streamed) behind the same
-request, checks and checkpoint conventions as cfsp.pruning.prune_to_checkpoint, for models given
-as safetensors folders.
+"""`cfsp prune`'s default engine: the block-streamed engine (cfsp.engine.streamed) behind the
+same request, checks and checkpoint conventions as cfsp.pruning.prune_to_checkpoint (the
+in-memory engine, `--in-memory`), for models given as safetensors folders. `engine_for` picks
+the engine: streamed wherever it can run, in memory otherwise (the reason is logged).
 
 Only a directory of safetensors weights can be streamed (an embedded alias resolves to one);
 a GGUF file or a hub id is refused with one line. Only the compact export is written (padded

@@ -1,25 +1,31 @@
 """Block-streamed pruning: memory bounded by one block, weights read block by block.
 
-The in-memory engine (cfsp.engine.capture + driver) holds the whole model and every block's
-float64 Gram matrices at once. This engine holds the model's skeleton on the meta device, one
+The default engine of `cfsp prune` and `cfsp.prune(spec)`. The in-memory engine
+(cfsp.engine.capture + driver) holds the whole model and every block's float64 Gram matrices
+at once. This engine holds the model's skeleton on the meta device, one
 block's weights (on --device), one block's calibration activations [N, L, d], and at most one
 block's width^2 statistics. It reuses the same criteria, allocation, selection and LIAR
-reconstruction functions, so it keeps the same channels and writes the same weights.
+reconstruction functions, so it keeps the same channels and writes the same weights (up to
+its float32 Grams' rounding).
 
 Passes (cost in F = one dense forward over the calibration tokens, LM head excluded):
-  pass 1  stream the dense blocks once: angular distance per block, and for o_proj / down_proj
-          inputs the O(width) moments (count, sum, sum of squares) that every fine criterion
-          reads; the block's fine scores are computed while its weights are loaded. Then the
-          block is released.                                            cost ~1 F (+ O(T w))
+  pass 1  stream the dense blocks once: angular distance per block, the O(width) moments
+          (count, sum, sum of squares) of the o_proj / down_proj inputs that every fine
+          criterion reads, the block's fine scores while its weights are loaded, and its Gram
+          matrices (float32, one fused addmm per batch), written to a file of its own
+          (cfsp.engine.streamed_spill) and freed.       cost ~1 F + Gram (T w^2) + write
   plan    coarse allocation (angular distances or FLAP's global threshold) and kept indices,
           from O(width) scores per block (driver.plan_from_scores, as plan_pruning).  ~0
-  pass 2  per block: reload it, recompute its inputs (the stream carries dense inputs, or the
-          pruned model's with stats=sequential), accumulate its Gram matrices (o: (H hd)^2,
-          down: m^2; freed after the block), fold (LIAR / bias) and slice with the existing
-          functions, write the block's shard, release it.  cost ~1 F + Gram (T w^2) + solves (w^3)
-So: 2 F plus one Gram per module and the solves, against the in-memory path's 1 F + Gram +
-solves (2 F with stats=sequential, which also computes its Grams twice). Nothing of size
-width^2 outlives a block; what crosses blocks is O(width) (scores, kept indices, biases flags).
+  pass 2  per block: reload it, read its Gram file back (float64), fold (LIAR / bias) and
+          slice with the existing functions, write the block's shard, release it.
+                                                           cost: read + solves (w^3), no forward
+So ~1 F + one Gram per module + the solves, as the in-memory engine; the spill costs disk (at
+the Llama-2-7B shape ~0.5 GB per block, fp32) and its I/O. With stats=sequential the Grams must
+be taken on the pruned model's activations: pass 1 keeps the moments only and pass 2 runs each
+block's inputs through the pruned blocks (~2 F + Grams; the documented cost of that option).
+Nothing of size width^2 outlives a block; what crosses blocks is O(width) (scores, kept
+indices, biases flags) or on disk, read back one block at a time. The pipeline's stages are
+these passes run separately (cfsp.pipeline.stages: capture, allocate, prune / reconstruct).
 
 Output (cfsp.engine.streamed_layout): one safetensors shard per block and one per module
 outside the blocks (embeddings, final norm, LM head), the index and the config; the entry point
