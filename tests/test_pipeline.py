@@ -337,6 +337,7 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
         assert all(len(handle.get_slice(k).get_shape()) == 1 for k in handle.keys())  # noqa: SIM118
     stages.allocate_stage("tiny", out / "capture", cfg, out / "allocate")
     stages.prune_stage("tiny", out / "capture", out / "allocate", cfg, out / "pruned")
+    _check_tampered_grams(out, cfg)
     stages.reconstruct_stage(
         "tiny", out / "allocate", out / "capture", cfg, out / "model", out / "prepare"
     )
@@ -364,6 +365,25 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
     assert (out / "healed/recover_loss.png").stat().st_size > 1000
     after = stages.evaluate_stage(str(out / "healed"), p.evaluate, out / "evaluate-healed")
     assert after["params"] == metrics["params"]
+
+
+def _check_tampered_grams(out: Path, cfg) -> None:
+    """A block's Gram file changed or removed after the capture: refused, nothing written."""
+    from cfsp.errors import CfspError
+    from cfsp.pipeline import stages
+
+    bad = out / "capture-bad"
+    shutil.copytree(out / "capture", bad)
+    block = bad / "grams/block-00001.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes inf
+    block.write_bytes(bytes(data))
+    with pytest.raises(CfspError, match="changed since the capture"):
+        stages.prune_stage("tiny", bad, out / "allocate", cfg, out / "bad-pruned")
+    block.unlink()
+    with pytest.raises(CfspError, match="block-00001.safetensors is missing"):
+        stages.prune_stage("tiny", bad, out / "allocate", cfg, out / "bad-pruned")
+    assert not (out / "bad-pruned").exists()
 
 
 RECOVER = RecoverConfig(source="file:text.txt", nsamples=4, seqlen=16, batch=2, steps=3, rank=2)
