@@ -127,14 +127,15 @@ def prune_streamed_to_checkpoint(
     text=None,
 ) -> dict:
     """prune_to_checkpoint, block-streamed: same request, same checkpoint, bounded memory.
-    One shard per block and per module outside the blocks (each under `max_shard_size`).
+    One shard per block and per module outside the blocks (each under `max_shard_size`),
+    merged into one model.safetensors at the end when they fit `max_shard_size` together.
     `text`: calibration text held in memory (cfsp.data.Text), instead of `calib.source`."""
     from transformers import AutoTokenizer
 
     from cfsp.arch import adapter_for
     from cfsp.data import calibration_windows, check_source
     from cfsp.engine.streamed import prune_streamed
-    from cfsp.engine.streamed_weights import empty_model, resolve_device
+    from cfsp.engine.streamed_weights import consolidate, empty_model, resolve_device
     from cfsp.io import atomic_dir, check_writable_parent, parse_shard_size
     from cfsp.models import check_tokenizer_matches, count_params, parse_dtype
     from cfsp.pruning import build_manifest, guard_output, run_request
@@ -164,6 +165,7 @@ def prune_streamed_to_checkpoint(
         outcome = prune_streamed(
             path, windows, prune, tmp, torch_dtype, torch_device, batch_size, config, shard_limit
         )
+        outcome.stream["consolidated"] = consolidate(tmp, shard_limit)  # fits one file
         signal_point("export")  # tests only: a signal while the checkpoint is half-written
         timings.update({f"stream_{k}": v for k, v in outcome.report.timings.items()})
         loaded = SimpleNamespace(path=str(path), revision=revision, model=outcome.shadow)

@@ -209,6 +209,9 @@ def _slice(
     from transformers import AutoTokenizer
 
     from cfsp.engine.streamed import Captured, Spill, prune_streamed, sequential_stats
+    from cfsp.engine.streamed_weights import consolidate
+    from cfsp.export import MAX_SHARD_SIZE
+    from cfsp.io import parse_shard_size
     from cfsp.models import parse_dtype
     from cfsp.pruning_streamed import write_rest
 
@@ -226,6 +229,7 @@ def _slice(
             path, windows, cfg, tmp, parse_dtype(dtype), "cpu", config=config,
             captured=Captured(alloc, spill),
         )  # fmt: skip
+        outcome.stream["consolidated"] = consolidate(tmp, parse_shard_size(MAX_SHARD_SIZE))
         loaded = SimpleNamespace(path=str(path), revision=revision, model=outcome.shadow)
         manifest = build_manifest(
             model_spec,
