@@ -559,7 +559,8 @@ def stage_capture(
     out: OutOpt,
     params: ParamsOpt = Path("params.yaml"),
 ):
-    """One pass over the calibration tokens -> per-block statistics (stats.safetensors)."""
+    """One streamed pass over the calibration tokens -> per-block statistics
+    (moments.safetensors, O(width); grams/block-NNNNN.safetensors, one block each)."""
     p = _params(params)
     info = _run_stage("capture", p, model, out, {"prepare": tokens})
     typer.echo(f"{out}: statistics of {info['blocks']} blocks in {info['wall_s']:.1f}s")
