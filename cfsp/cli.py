@@ -287,7 +287,7 @@ def prune_cmd(
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.config import CalibConfig, PruneConfig, validate
-    from cfsp.io import parse_shard_size
+    from cfsp.io import check_writable_parent, parse_shard_size
     from cfsp.pruning import prune_to_checkpoint
     from cfsp.pruning_streamed import engine_for
 
@@ -316,6 +316,7 @@ def prune_cmd(
         "calibration options",
     )
     options = {"overwrite": overwrite, "max_shard_size": max_shard_size, "export": export}
+    check_writable_parent(out)  # an unwritable --out first, as both engines check it
     stream = engine_for(model, export, stream, trust_remote_code, dtype, max_shard_size)
     if device is not None and not stream:
         raise UsageError(
