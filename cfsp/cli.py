@@ -287,18 +287,21 @@ def prune_cmd(
         ),
     ] = "compact",
     stream: Annotated[
-        bool,
+        bool | None,
         typer.Option(
-            help="Block-streamed engine: weights read and written block by block, memory bounded "
-            "by one block (opt-in; a safetensors directory or alias; compact export only)."
+            "--stream/--in-memory",
+            help="Engine. Default: block-streamed (weights read and written block by block, "
+            "memory bounded by one block) for a safetensors directory or alias and the compact "
+            "export; otherwise in memory (GGUF, hub ids, padded/uniform exports, remote code).",
         ),
-    ] = False,
+    ] = None,
     device: DeviceOpt = "auto",
 ) -> None:
     """Prune a model to a budget and write a checkpoint directory with its manifest."""
     from cfsp.config import CalibConfig, PruneConfig, validate
-    from cfsp.io import parse_shard_size
+    from cfsp.io import check_writable_parent, parse_shard_size
     from cfsp.pruning import prune_to_checkpoint
+    from cfsp.pruning_streamed import engine_for
 
     parse_shard_size(max_shard_size)  # a bad size fails now, not after the pruning
     _check_device(device)
@@ -326,6 +329,8 @@ def prune_cmd(
         "calibration options",
     )
     options = {"overwrite": overwrite, "max_shard_size": max_shard_size, "export": export}
+    check_writable_parent(out)  # an unwritable --out first, as both engines check it
+    stream = engine_for(model, export, stream, trust_remote_code, dtype, max_shard_size)
     if stream:
         from cfsp.pruning_streamed import prune_streamed_to_checkpoint
 
@@ -640,7 +645,8 @@ def stage_capture(
     params: ParamsOpt = Path("params.yaml"),
     device: StageDeviceOpt = None,
 ):
-    """One pass over the calibration tokens -> per-block statistics (stats.safetensors)."""
+    """One streamed pass over the calibration tokens -> per-block statistics
+    (moments.safetensors, O(width); grams/block-NNNNN.safetensors, one block each)."""
     p = _stage_params(params, device)
     info = _run_stage("capture", p, model, out, {"prepare": tokens})
     typer.echo(f"{out}: statistics of {info['blocks']} blocks in {info['wall_s']:.1f}s")

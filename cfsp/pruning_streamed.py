@@ -1,6 +1,7 @@
-"""`cfsp prune --stream`: the block-streamed engine (cfsp.engine.streamed) behind the same
-request, checks and checkpoint conventions as cfsp.pruning.prune_to_checkpoint, for models given
-as safetensors folders.
+"""`cfsp prune`'s default engine: the block-streamed engine (cfsp.engine.streamed) behind the
+same request, checks and checkpoint conventions as cfsp.pruning.prune_to_checkpoint (the
+in-memory engine, `--in-memory`), for models given as safetensors folders. `engine_for` picks
+the engine: streamed wherever it can run, in memory otherwise (the reason is logged).
 
 Only a directory of safetensors weights can be streamed (an embedded alias resolves to one);
 a GGUF file or a hub id is refused with one line. Only the compact export is written (padded
@@ -20,6 +21,7 @@ from types import SimpleNamespace
 from cfsp.config import CalibConfig, PruneConfig
 from cfsp.errors import UsageError
 from cfsp.export import MAX_SHARD_SIZE
+from cfsp.faults import signal_point
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,56 @@ def stream_source(spec: str, trust_remote_code: bool = False):
     return path, revision, config
 
 
+def engine_for(
+    model_spec: str,
+    export: str | list[str],
+    stream: bool | None,
+    trust: bool,
+    dtype: str = "float32",
+    max_shard_size: str | int = MAX_SHARD_SIZE,
+) -> bool:
+    """True to prune block-streamed, False in memory: `stream` when given (--stream /
+    --in-memory), else streamed whenever it can be (a safetensors directory or an alias, the
+    compact export, no remote code, every block within `max_shard_size`); the reason for
+    falling back is logged."""
+    from cfsp.export import parse_exports
+    from cfsp.models import _resolve_spec
+
+    if stream is not None:
+        return stream
+    kind, _ = _resolve_spec(model_spec)
+    reason = None
+    if kind not in ("dir", "alias"):
+        reason = f"{model_spec} is a {'GGUF file' if kind == 'gguf' else 'hub id'}"
+    elif parse_exports(export) != ["compact"]:
+        reason = "the padded and uniform exports need the whole pruned model"
+    elif trust:
+        reason = "a model with remote code is built by its own code (not as a skeleton)"
+    elif not _shards_fit(model_spec, dtype, max_shard_size):
+        reason = "a block or embedding is larger than --max-shard-size (one shard each)"
+    if reason is not None:
+        log.info("pruning in memory: %s", reason)
+    return reason is None
+
+
+def _shards_fit(model_spec: str, dtype: str, max_shard_size: str | int) -> bool:
+    """Whether every block and outside module fits one shard (headers and config only)."""
+    import torch
+
+    from cfsp.engine.streamed import open_stream
+    from cfsp.engine.streamed_layout import check_shard_limit, outside_groups
+    from cfsp.io import parse_shard_size
+    from cfsp.models import parse_dtype
+
+    path, _, config = stream_source(model_spec)
+    stream = open_stream(path, config, parse_dtype(dtype), torch.device("cpu"), 1)
+    try:
+        check_shard_limit(stream, outside_groups(stream), parse_shard_size(max_shard_size))
+    except UsageError:
+        return False
+    return True
+
+
 def check_stream_export(export: str | list[str]) -> None:
     """--stream writes the compact export only; refuse any other before any work."""
     from cfsp.export import parse_exports
@@ -72,15 +124,18 @@ def prune_streamed_to_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = MAX_SHARD_SIZE,
     export: str | list[str] = "compact",
+    text=None,
 ) -> dict:
     """prune_to_checkpoint, block-streamed: same request, same checkpoint, bounded memory.
-    One shard per block and per module outside the blocks (each under `max_shard_size`)."""
+    One shard per block and per module outside the blocks (each under `max_shard_size`),
+    merged into one model.safetensors at the end when they fit `max_shard_size` together.
+    `text`: calibration text held in memory (cfsp.data.Text), instead of `calib.source`."""
     from transformers import AutoTokenizer
 
     from cfsp.arch import adapter_for
     from cfsp.data import calibration_windows, check_source
     from cfsp.engine.streamed import prune_streamed
-    from cfsp.engine.streamed_weights import empty_model, resolve_device
+    from cfsp.engine.streamed_weights import consolidate, empty_model, resolve_device
     from cfsp.io import atomic_dir, check_writable_parent, parse_shard_size
     from cfsp.models import check_tokenizer_matches, count_params, parse_dtype
     from cfsp.pruning import build_manifest, guard_output, run_request
@@ -91,7 +146,8 @@ def prune_streamed_to_checkpoint(
     torch_dtype, torch_device = parse_dtype(dtype), resolve_device(device)
     path, revision, config = stream_source(model_spec, trust_remote_code)
     adapter_for(config)
-    check_source(calib.source, "calibration")
+    if text is None:
+        check_source(calib.source, "calibration")
     request = run_request(model_spec, calib, prune, dtype)
     guard_output(out, request, overwrite)
     t0 = time.perf_counter()
@@ -101,13 +157,16 @@ def prune_streamed_to_checkpoint(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     windows = calibration_windows(
-        calib.source, tokenizer, calib.nsamples, calib.seqlen, calib.seed, skeleton
+        text or calib.source, tokenizer, calib.nsamples, calib.seqlen, calib.seed, skeleton
     )
     timings = {"load_and_prepare": time.perf_counter() - t0}
+    signal_point("load")  # tests only: an interrupt before anything is written
     with atomic_dir(out) as tmp:
         outcome = prune_streamed(
             path, windows, prune, tmp, torch_dtype, torch_device, batch_size, config, shard_limit
         )
+        outcome.stream["consolidated"] = consolidate(tmp, shard_limit)  # fits one file
+        signal_point("export")  # tests only: a signal while the checkpoint is half-written
         timings.update({f"stream_{k}": v for k, v in outcome.report.timings.items()})
         loaded = SimpleNamespace(path=str(path), revision=revision, model=outcome.shadow)
         manifest = build_manifest(

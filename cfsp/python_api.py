@@ -7,7 +7,10 @@
 `prune` takes a model spec (as the CLI does) or a loaded causal LM and its tokenizer, and
 calibration text as a spec, a list of strings or a `datasets.Dataset`; it runs the same code as
 `cfsp prune` (capture, plan, reconstruct, slice) and returns the pruned model, its tokenizer
-and the report a checkpoint's manifest holds. A loaded model is pruned in place.
+and the report a checkpoint's manifest holds. A spec naming safetensors on disk (a directory
+or an alias) is pruned by the block-streamed engine, as `cfsp prune` does, into a temporary
+checkpoint that is then loaded (`load_pruned`); a loaded model is pruned in place by the
+in-memory engine (its weights are already in memory).
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ def prune(
         "calibration",
     )
     text = _calibration_text(calibration, text_column)
+    if isinstance(model, str):
+        from cfsp.pruning_streamed import engine_for
+
+        check_model_spec(model, trust_remote_code)
+        if engine_for(model, "compact", None, trust_remote_code):
+            return _prune_streamed(model, calib, cfg, text, dtype, batch_size, trust_remote_code)
     timings: dict = {}
     t0 = time.perf_counter()
     loaded = _loaded(model, tokenizer, dtype, trust_remote_code)
@@ -85,6 +94,28 @@ def prune(
         loaded, windows, cfg, calib, timings, batch_size, progress, dtype=dtype_name
     )
     return Pruned(loaded.model, loaded.tokenizer, manifest)
+
+
+def _prune_streamed(spec: str, calib, cfg, text, dtype: str, batch: int, trust: bool) -> Pruned:
+    """`cfsp prune`'s default engine into a temporary checkpoint, loaded back."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from cfsp.export import load_pruned
+    from cfsp.models import parse_dtype
+    from cfsp.pruning_streamed import prune_streamed_to_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="cfsp-prune-") as scratch:
+        out = Path(scratch) / "pruned"
+        manifest = prune_streamed_to_checkpoint(
+            spec, calib, cfg, out, dtype, "cpu", trust, batch, text=text
+        )
+        model = load_pruned(out, parse_dtype(dtype)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(out)
+    for key in ("exports", "files_sha256", "weights_sha256", "export"):
+        manifest.pop(key, None)  # they described the temporary folder
+    return Pruned(model, tokenizer, manifest)
 
 
 def _calibration_text(calibration, column: str) -> Text | None:

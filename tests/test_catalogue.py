@@ -313,7 +313,7 @@ def test_missing_truncated_and_tampered_stage_artifacts(proj, tmp_path, capsys):
     assert snapshot(cap) == done  # the finished capture survived three failed reruns
 
     stats = tmp_path / "truncated-stats.safetensors"
-    data = (cap / "stats.safetensors").read_bytes()
+    data = (cap / "moments.safetensors").read_bytes()
     stats.write_bytes(data[: len(data) // 2])
     code, _, err = cli(
         capsys,

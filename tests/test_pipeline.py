@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors import safe_open
 
 from cfsp.config import RecoverConfig, load_params, validate
 from cfsp.export import read_manifest, verify_checkpoint
@@ -361,7 +362,7 @@ def test_killed_run_resumes_to_identical_outputs(tiny_project, tmp_path_factory,
     assert clean.returncode == 0, clean.stderr[-3000:]
 
     def weights(root: Path) -> list[str]:
-        return [sha256_file(p) for p in sorted((root / "out/dvc").glob("*/*/*/model.safetensors"))]
+        return [sha256_file(p) for p in sorted((root / "out/dvc").glob("*/*/*/model*.safetensors"))]
 
     assert weights(tiny_project) == weights(fresh) and len(weights(fresh)) == 3  # pruned,
     # reconstructed, and model (recovery off: hard links to reconstructed, as in dvc.yaml)
@@ -407,8 +408,16 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
     out = tiny_project / "stages"
     stages.prepare("tiny", p.prepare, out / "prepare")
     stages.capture_stage("tiny", out / "prepare", out / "capture")
+    # The capture is pass 1 of the streamed engine: an O(width) moments file and one file of
+    # Gram matrices per block (nothing width^2 holds more than one block).
+    grams = sorted(f.name for f in (out / "capture/grams").iterdir())
+    assert grams == ["block-00000.safetensors", "block-00001.safetensors"]
+    with safe_open(str(out / "capture/moments.safetensors"), "pt") as handle:
+        assert all(handle.get_slice(k).get_shape()[0] <= 96 for k in handle.keys())  # noqa: SIM118
+        assert all(len(handle.get_slice(k).get_shape()) == 1 for k in handle.keys())  # noqa: SIM118
     stages.allocate_stage("tiny", out / "capture", cfg, out / "allocate")
     stages.prune_stage("tiny", out / "capture", out / "allocate", cfg, out / "pruned")
+    _check_tampered_grams(out, cfg)
     stages.reconstruct_stage(
         "tiny", out / "allocate", out / "capture", cfg, out / "model", out / "prepare"
     )
@@ -424,8 +433,9 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
     # Recovery: disabled passes the checkpoint through; enabled heals it, same shapes.
     stages.recover_stage(out / "model", out / "capture", p.recover, out / "same")
     assert verify_checkpoint(out / "same") == []
-    assert sha256_file(out / "same/model.safetensors") == sha256_file(
-        out / "model/model.safetensors"
+    shards = sorted(f.name for f in (out / "model").glob("*.safetensors"))
+    assert shards and all(
+        sha256_file(out / "same" / name) == sha256_file(out / "model" / name) for name in shards
     )
     heal = RECOVER.model_copy(update={"enabled": True})
     info = stages.recover_stage(out / "model", out / "capture", heal, out / "healed")
@@ -435,6 +445,25 @@ def test_stage_functions_chain_with_sequential_statistics(tiny_project, monkeypa
     assert (out / "healed/recover_loss.png").stat().st_size > 1000
     after = stages.evaluate_stage(str(out / "healed"), p.evaluate, out / "evaluate-healed")
     assert after["params"] == metrics["params"]
+
+
+def _check_tampered_grams(out: Path, cfg) -> None:
+    """A block's Gram file changed or removed after the capture: refused, nothing written."""
+    from cfsp.errors import CfspError
+    from cfsp.pipeline import stages
+
+    bad = out / "capture-bad"
+    shutil.copytree(out / "capture", bad)
+    block = bad / "grams/block-00001.safetensors"
+    data = bytearray(block.read_bytes())
+    data[-4:] = b"\x00\x00\x80\x7f"  # the last float becomes inf
+    block.write_bytes(bytes(data))
+    with pytest.raises(CfspError, match="changed since the capture"):
+        stages.prune_stage("tiny", bad, out / "allocate", cfg, out / "bad-pruned")
+    block.unlink()
+    with pytest.raises(CfspError, match="block-00001.safetensors is missing"):
+        stages.prune_stage("tiny", bad, out / "allocate", cfg, out / "bad-pruned")
+    assert not (out / "bad-pruned").exists()
 
 
 RECOVER = RecoverConfig(source="file:text.txt", nsamples=4, seqlen=16, batch=2, steps=3, rank=2)

@@ -80,6 +80,26 @@ def test_prune_equals_the_engine_on_the_same_windows(tiny_tokenizer):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prune_a_spec_streams_it_and_equals_a_loaded_prune(tmp_path, tiny_tokenizer):
+    """A model directory is pruned by the block-streamed engine (cfsp prune's default) and
+    loaded back: same kept channels, and weights within float32-Gram tolerance, as pruning
+    the loaded model in memory."""
+    tiny_model("llama-gqa").save_pretrained(tmp_path / "src")
+    tiny_tokenizer.save_pretrained(tmp_path / "src")
+    streamed, tokenizer, report = cfsp.prune(
+        str(tmp_path / "src"), calibration=[TEXT], budget=0.3, **FAST
+    )
+    assert "stream" in report and "exports" not in report
+    loaded = tiny_model("llama-gqa")
+    in_memory, _, reference = cfsp.prune(loaded, tiny_tokenizer, [TEXT], budget=0.3, **FAST)
+    assert report["prune"]["kept"] == reference["prune"]["kept"]
+    a, b = streamed.state_dict(), in_memory.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+    assert tokenizer("a b").input_ids == tiny_tokenizer("a b").input_ids
+
+
 def test_prune_a_dataset_column(tiny_tokenizer):
     from datasets import Dataset
 

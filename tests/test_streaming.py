@@ -22,6 +22,9 @@ from tests.conftest import random_windows, run_cli, tiny_model
 FAMILIES = ["llama-gqa", "gemma3-kv1", "phi3-gqa", "qwen3-gqa"]  # LLaMA with GQA, 1 KV head,
 # two layer types, fused projections, stock attention biases
 BATCH = 4  # 6 windows: two batches, the same in both engines
+# The streamed engine keeps its Gram matrices in float32 (spilled per block), the in-memory one
+# in float64: the folded weights agree to float32 rounding amplified by the damped solve.
+GRAM_ATOL, GRAM_RTOL = 1e-5, 1e-4
 
 
 def _in_memory(src, windows, cfg, out, tokenizer=None):
@@ -40,14 +43,16 @@ def _assert_same(model, report, outcome, out, windows):
     want, got = model.state_dict(), streamed.state_dict()
     assert set(got) == set(want)
     for key, value in want.items():
-        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6, msg=key)
+        torch.testing.assert_close(
+            got[key], value, atol=GRAM_ATOL, rtol=GRAM_RTOL, msg=lambda m, k=key: f"{k}: {m}"
+        )
     with torch.no_grad():
         torch.testing.assert_close(
-            streamed(windows.ids).logits, model(windows.ids).logits, atol=1e-5, rtol=1e-5
+            streamed(windows.ids).logits, model(windows.ids).logits, atol=GRAM_ATOL, rtol=GRAM_RTOL
         )
     for key in ("o_after", "down_after"):
         assert [r[key] for r in outcome.report.errors] == pytest.approx(
-            [r[key] for r in report.errors], rel=1e-6, abs=1e-9
+            [r[key] for r in report.errors], rel=GRAM_RTOL, abs=1e-9
         )
 
 
@@ -250,7 +255,8 @@ def test_cli_stream_shard_limit(tiny_project):
 
 @pytest.mark.slow
 def test_smollm2_streamed_equals_in_memory(tmp_path):
-    """The real model: same kept channels, same weights (float tolerance), same perplexity."""
+    """The real model: same kept channels, same weights (float32-Gram tolerance), the same
+    perplexity within 0.5%."""
     from cfsp.data import calibration_windows
     from cfsp.embedded import embedded_checkpoint
     from cfsp.evaluation.perplexity import perplexity
@@ -269,7 +275,7 @@ def test_smollm2_streamed_equals_in_memory(tmp_path):
     want, got = model.state_dict(), streamed.state_dict()
     assert set(got) == set(want)
     for key, value in want.items():
-        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=1e-5, msg=key)
+        torch.testing.assert_close(got[key], value, atol=1e-4, rtol=1e-3, msg=key)
     test = calibration_windows("botchan:test", loaded.tokenizer, 8, 128, 1, model)
     ppl = perplexity(streamed, test, progress=False)["ppl"]
-    assert ppl == pytest.approx(perplexity(model, test, progress=False)["ppl"], rel=1e-5)
+    assert ppl == pytest.approx(perplexity(model, test, progress=False)["ppl"], rel=5e-3)

@@ -28,7 +28,7 @@ from cfsp.engine.allocate import achieved_fraction, check_budget
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.importance import fine_scores
 from cfsp.engine.plan import BlockCounts, BlockPlan, Geometry, PrunePlan
-from cfsp.engine.reconstruct import fold, relative_error
+from cfsp.engine.reconstruct import fold, output_energy, relative_error
 from cfsp.engine.registry import ALLOCATIONS, ERROR_SELECTED
 from cfsp.engine.select_obs import select_block
 from cfsp.engine.slicing import apply_plan, select, update_config
@@ -198,8 +198,13 @@ def prune_block(
         w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)
         plain_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.to(b_new.dtype)
         plain_w = layer.weight.to(w_new.dtype)[:, keep]
-        row[f"{name}_before"] = relative_error(layer.weight, layer.bias, st, keep, plain_w, plain_b)
-        row[f"{name}_after"] = relative_error(layer.weight, layer.bias, st, keep, w_new, b_new)
+        total = output_energy(layer.weight, layer.bias, st)  # shared by both errors
+        row[f"{name}_before"] = relative_error(
+            layer.weight, layer.bias, st, keep, plain_w, plain_b, total
+        )
+        row[f"{name}_after"] = relative_error(
+            layer.weight, layer.bias, st, keep, w_new, b_new, total
+        )
         folded[name] = (w_new, b_new)
     apply_plan(adapter, block, plan, head_dim)
     p = adapter.parts(block)

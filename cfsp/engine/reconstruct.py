@@ -96,21 +96,36 @@ def relative_error(
     keep: torch.Tensor,
     new_weight: torch.Tensor,
     new_bias: torch.Tensor,
+    total: float | None = None,
 ) -> float:
     """E_x ||y - y'||^2 / E_x ||y||^2 from the Gram matrix and mean (no activations needed).
 
-    A report, not a solve: the quadratic forms run in float32 (4x faster on CPU, ~1e-5 rel.).
+    A report, not a solve: the quadratic forms run in float32 (4x faster on CPU, ~1e-5 rel.),
+    over the input channels where the weights changed only (the unfolded slice changes the
+    pruned ones alone). `total`: E_x ||y||^2 (`output_energy`) when the caller has it.
     """
     w = weight.detach().float()
     device = w.device
     b = torch.zeros(w.shape[0], device=device) if bias is None else bias.detach().float()
     delta = w.clone()
     delta[:, torch.as_tensor(keep, device=device)] -= new_weight.to(device).float()
+    changed = (delta != 0).any(0).nonzero().squeeze(1)
+    total = output_energy(weight, bias, stats) if total is None else total
     delta_b = b - new_bias.to(device).float()
-    second = (stats.gram.to(device) / stats.count).float()  # E[x x^T]
-    mu = stats.mean.to(device).float()
+    return _energy(delta[:, changed], delta_b, stats, changed) / max(total, 1e-30)
 
-    def energy(m: torch.Tensor, c: torch.Tensor) -> float:
-        return float(((m @ second) * m).sum() + 2 * c @ (m @ mu) + c @ c)
 
-    return energy(delta, delta_b) / max(energy(w, b), 1e-30)
+def output_energy(weight: torch.Tensor, bias: torch.Tensor | None, stats: ChannelStats) -> float:
+    """E_x ||W x + b||^2 from the Gram matrix and mean (float32, as relative_error)."""
+    w = weight.detach().float()
+    b = torch.zeros(w.shape[0], device=w.device) if bias is None else bias.detach().float()
+    return _energy(w, b, stats, None)
+
+
+def _energy(m: torch.Tensor, c: torch.Tensor, stats: ChannelStats, cols) -> float:
+    """E_x ||m x_cols + c||^2 (all input channels when `cols` is None)."""
+    gram, mu = stats.gram.to(m.device), stats.mean.to(m.device)
+    if cols is not None and cols.numel() < gram.shape[0]:
+        gram, mu = gram[cols][:, cols], mu[cols]
+    second, mu = gram.float() / stats.count, mu.float()  # E[x x^T]
+    return float(((m @ second) * m).sum() + 2 * c @ (m @ mu) + c @ c)

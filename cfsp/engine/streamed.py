@@ -1,25 +1,31 @@
 """Block-streamed pruning: memory bounded by one block, weights read block by block.
 
-The in-memory engine (cfsp.engine.capture + driver) holds the whole model and every block's
-float64 Gram matrices at once. This engine holds the model's skeleton on the meta device, one
+The default engine of `cfsp prune` and `cfsp.prune(spec)`. The in-memory engine
+(cfsp.engine.capture + driver) holds the whole model and every block's float64 Gram matrices
+at once. This engine holds the model's skeleton on the meta device, one
 block's weights (on --device), one block's calibration activations [N, L, d], and at most one
 block's width^2 statistics. It reuses the same criteria, allocation, selection and LIAR
-reconstruction functions, so it keeps the same channels and writes the same weights.
+reconstruction functions, so it keeps the same channels and writes the same weights (up to
+its float32 Grams' rounding).
 
 Passes (cost in F = one dense forward over the calibration tokens, LM head excluded):
-  pass 1  stream the dense blocks once: angular distance per block, and for o_proj / down_proj
-          inputs the O(width) moments (count, sum, sum of squares) that every fine criterion
-          reads; the block's fine scores are computed while its weights are loaded. Then the
-          block is released.                                            cost ~1 F (+ O(T w))
+  pass 1  stream the dense blocks once: angular distance per block, the O(width) moments
+          (count, sum, sum of squares) of the o_proj / down_proj inputs that every fine
+          criterion reads, the block's fine scores while its weights are loaded, and its Gram
+          matrices (float32, one fused addmm per batch), written to a file of its own
+          (cfsp.engine.streamed_spill) and freed.       cost ~1 F + Gram (T w^2) + write
   plan    coarse allocation (angular distances or FLAP's global threshold) and kept indices,
           from O(width) scores per block (driver.plan_from_scores, as plan_pruning).  ~0
-  pass 2  per block: reload it, recompute its inputs (the stream carries dense inputs, or the
-          pruned model's with stats=sequential), accumulate its Gram matrices (o: (H hd)^2,
-          down: m^2; freed after the block), fold (LIAR / bias) and slice with the existing
-          functions, write the block's shard, release it.  cost ~1 F + Gram (T w^2) + solves (w^3)
-So: 2 F plus one Gram per module and the solves, against the in-memory path's 1 F + Gram +
-solves (2 F with stats=sequential, which also computes its Grams twice). Nothing of size
-width^2 outlives a block; what crosses blocks is O(width) (scores, kept indices, biases flags).
+  pass 2  per block: reload it, read its Gram file back (float64), fold (LIAR / bias) and
+          slice with the existing functions, write the block's shard, release it.
+                                                           cost: read + solves (w^3), no forward
+So ~1 F + one Gram per module + the solves, as the in-memory engine; the spill costs disk (at
+the Llama-2-7B shape ~0.5 GB per block, fp32) and its I/O. With stats=sequential the Grams must
+be taken on the pruned model's activations: pass 1 keeps the moments only and pass 2 runs each
+block's inputs through the pruned blocks (~2 F + Grams; the documented cost of that option).
+Nothing of size width^2 outlives a block; what crosses blocks is O(width) (scores, kept
+indices, biases flags) or on disk, read back one block at a time. The pipeline's stages are
+these passes run separately (cfsp.pipeline.stages: capture, allocate, prune / reconstruct).
 
 Output (cfsp.engine.streamed_layout): one safetensors shard per block and one per module
 outside the blocks (embeddings, final norm, LM head), the index and the config; the entry point
@@ -33,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +56,8 @@ from cfsp.engine.driver import (
     prune_report,
 )
 from cfsp.engine.importance import fine_scores
-from cfsp.engine.plan import BlockPlan
+from cfsp.engine.plan import BlockPlan, PrunePlan
+from cfsp.engine.statistics import BlockStats
 from cfsp.engine.stream import block_forward, first_block_inputs, run_block
 from cfsp.engine.streamed_layout import (
     ROLES,
@@ -62,7 +70,8 @@ from cfsp.engine.streamed_layout import (
     rewrite_blocks,
     write_outside,
 )
-from cfsp.engine.streamed_stats import Meter, block_moments
+from cfsp.engine.streamed_spill import GramMoments, read_block, write_block
+from cfsp.engine.streamed_stats import ChannelMoments, Meter, block_moments
 from cfsp.engine.streamed_weights import (
     CheckpointReader,
     ShardWriter,
@@ -73,10 +82,13 @@ from cfsp.engine.streamed_weights import (
     release,
 )
 from cfsp.engine.target import Target
-from cfsp.errors import CfspError
+from cfsp.errors import CfspError, UsageError
 from cfsp.export import write_config
+from cfsp.faults import kill_point
 
 log = logging.getLogger(__name__)
+PASSES_DENSE = "pass 1: forward, moments + Grams spilled per block; plan; pass 2: read, fold, write"
+PASSES_SEQUENTIAL = "pass 1: forward, moments; plan; pass 2: forward on pruned inputs, Grams, fold"
 
 
 @dataclass
@@ -177,65 +189,117 @@ def _passthrough(hidden_states, *args, **kwargs):
 
 
 @torch.no_grad()
-def pass_one(stream: Stream, ids: torch.Tensor, cfg: PruneConfig):
-    """Angular distance and fine scores per block; O(width) kept per block."""
+def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None):
+    """Run every dense block once: its angular distance and O(width) moments; with `spill`,
+    also its Gram matrices, written to `spill` (one file per block) as soon as the block is
+    done. `score(index, parts, stats)` runs while the block's weights are loaded (fine scores).
+    Returns (per-block moments as BlockStats, the block files' sha256, the scores)."""
     hiddens, kwargs_list = first_inputs(stream, ids)
-    head_dim = stream.target.geometry.head_dim
-    angular, scores = [], []
+    empty = GramMoments.empty if spill is not None else ChannelMoments.empty
+    blocks, digests, scores = [], [], []
     for index, block in enumerate(stream.layers()):
         t0 = time.perf_counter()
         stream.load(block)
         parts = stream.adapter.parts(block)
-        stats = block_moments(block, parts, hiddens, kwargs_list, stream.device)
-        heads, channels = fine_scores(
-            cfg.criterion, parts, stats, head_dim, cfg.exponent, cfg.seed, index
-        )
+        stats = block_moments(block, parts, hiddens, kwargs_list, stream.device, empty)
+        if score is not None:
+            scores.append(score(index, parts, stats))
         release(block)
-        angular.append(stats.angular)
-        scores.append((heads.cpu(), channels.cpu()))
+        if spill is not None:
+            digests.append(write_block(spill, index, stats))
+            stats = BlockStats(stats.angular, stats.tokens, stats.o.moments(), stats.down.moments())
+        blocks.append(stats)
+        kill_point("CFSP_FAULT_KILL_AFTER_BLOCK", index)  # tests only: a crash mid-capture
         row = {"block": index, "pass": 1, **stream.meter.snapshot(t0)}
         stream.rows.append(row)
         log.info(
             "stream pass 1 block %2d: angular %.4f  %s", index, stats.angular, Meter.describe(row)
         )
-    return angular, scores
+    return blocks, digests, scores
 
 
-def prune_one(stream: Stream, block, plan: BlockPlan, cfg: PruneConfig, hiddens, kwargs_list):
-    """Statistics, fold and slice of one loaded block (driver.prune_model's loop body); the
-    stream moves on to the next block's inputs (dense, or pruned with stats=sequential)."""
-    adapter = stream.adapter
+def scorer(stream: Stream, cfg: PruneConfig):
+    """`score` for pass_one: the block's (head, channel) fine scores by cfg.criterion, on the
+    CPU (O(width) kept)."""
     head_dim = stream.target.geometry.head_dim
-    sequential = cfg.stats == "sequential" and cfg.reconstruct != "none"
-    if not sequential:  # dense inputs: the dense block's outputs are the next block's inputs
-        stats = run_block(block, adapter.parts(block), hiddens, kwargs_list)
+
+    def score(index: int, parts, stats):
+        heads, channels = fine_scores(
+            cfg.criterion, parts, stats, head_dim, cfg.exponent, cfg.seed, index
+        )
+        return heads.cpu(), channels.cpu()
+
+    return score
+
+
+@torch.no_grad()
+def score_blocks(stream: Stream, moments: list[BlockStats], cfg: PruneConfig) -> list[tuple]:
+    """Fine scores of every block from captured O(width) moments, loading only each block's
+    weights in turn (no forward): the allocation of a capture made earlier."""
+    if len(moments) != len(stream.layers()):
+        raise UsageError(
+            f"statistics cover {len(moments)} blocks, the model has {len(stream.layers())}"
+        )
+    score, scores = scorer(stream, cfg), []
+    for index, block in enumerate(stream.layers()):
+        stream.load(block)
+        with torch.device(stream.device):
+            scores.append(score(index, stream.adapter.parts(block), moments[index]))
+        release(block)
+    return scores
+
+
+def sequential_stats(cfg: PruneConfig) -> bool:
+    """Whether pass 2 retakes the statistics on the pruned blocks' outputs (a forward)."""
+    return cfg.stats == "sequential" and cfg.reconstruct != "none"
+
+
+def prune_one(stream: Stream, block, plan: BlockPlan, cfg: PruneConfig, stats, hiddens, kwargs):
+    """Fold and slice of one loaded block (driver.prune_model's loop body), from its captured
+    statistics `stats`, or with stats=sequential from its inputs `hiddens` (the pruned
+    blocks' outputs), which then move on through the pruned block."""
+    adapter = stream.adapter
     if cfg.reconstruct != "none":
         parts = adapter.parts(block)
         _zero_bias(parts.o)
         _zero_bias(parts.down)
-    if sequential:
-        stats = run_block(block, adapter.parts(block), hiddens, kwargs_list, advance=False)
-    row = prune_block(adapter, block, plan, stats, cfg, head_dim)
+    if stats is None:
+        stats = run_block(block, adapter.parts(block), hiddens, kwargs, advance=False)
+    row = prune_block(adapter, block, plan, stats, cfg, stream.target.geometry.head_dim)
     del stats  # this block's Gram matrices
-    if sequential:
+    if hiddens is not None:
         for j, h in enumerate(hiddens):
-            hiddens[j] = block_forward(block, h, kwargs_list[j])
+            hiddens[j] = block_forward(block, h, kwargs[j])
     return row
 
 
+@dataclass
+class Spill:
+    """Where pass 2 reads each block's Gram matrices (and their recorded sha256, if checked)."""
+
+    folder: Path
+    digests: list[str | None]
+
+
 @torch.no_grad()
-def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first: int):
-    """Per block: load, statistics, prune + reconstruct, write its shard, release."""
+def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first: int, spill):
+    """Per block: load, read its statistics (or retake them: stats=sequential), prune +
+    reconstruct, write its shard, release."""
     adapter, config = stream.adapter, stream.model.config
     stock = {role: adapter.has_bias(config, role) for role in ROLES}
-    hiddens, kwargs_list = first_inputs(stream, ids)
+    sequential = sequential_stats(cfg)
+    hiddens, kwargs_list = first_inputs(stream, ids) if sequential else (None, None)
     errors, nonzero = [], {role: False for role in ROLES}
     for index, (block, plan) in enumerate(zip(stream.layers(), plans, strict=True)):
         t0 = time.perf_counter()
         prefix = stream.prefix(block)
         stream.load(block)
+        stats = None
+        if not sequential:
+            stats = read_block(spill.folder, index, spill.digests[index], stream.device)
         with torch.device(stream.device):  # factories inside cfsp's functions: on the device
-            row = {"block": index, **prune_one(stream, block, plan, cfg, hiddens, kwargs_list)}
+            row = prune_one(stream, block, plan, cfg, stats, hiddens, kwargs_list)
+        row = {"block": index, **row}
         for role, value in nonzero_biases(adapter, block, stock, cfg).items():
             nonzero[role] |= value
         writer.write(first + index, conform(block.state_dict(), layout[index], prefix))
@@ -275,12 +339,15 @@ def prune_streamed(
     batch_size: int = 8,
     config=None,
     shard_limit: int | None = None,
+    captured: Captured | None = None,
 ) -> StreamOutcome:
     """Prune the checkpoint in `directory` block by block; write shards, index and config into
     the existing folder `out`. Memory: one block's weights, activations and statistics.
 
     `config`: the checkpoint's (read from `directory` when None). `shard_limit`: bytes no
-    shard may exceed (one shard per block / outside module), checked before any pass."""
+    shard may exceed (one shard per block / outside module), checked before any pass.
+    `captured`: a capture made earlier and its plan (the pipeline's stages): pass 1 is skipped.
+    Otherwise pass 1 spills the Gram matrices to a temporary folder (TMPDIR), removed after."""
     from transformers import AutoConfig
 
     directory, out, device = Path(directory), Path(out), torch.device(device)
@@ -289,18 +356,27 @@ def prune_streamed(
     groups = outside_groups(stream)
     if shard_limit is not None:
         check_shard_limit(stream, groups, shard_limit)
-    ids, geo = windows.ids, stream.target.geometry  # dense widths
-    t0 = time.perf_counter()
-    angular, scores = pass_one(stream, ids, cfg)
-    t1 = time.perf_counter()
-    allocation = plan_from_scores(geo, torch.tensor(angular, dtype=torch.float64), scores, cfg)
-    dense = copy.deepcopy(stream.model)  # meta: pass 2 slices the skeleton's blocks
-    predicted = predicted_biases(dense, allocation.blocks, cfg)
-    layout, shadow = final_layout(dense, allocation.blocks, cfg, predicted)
-    t2 = time.perf_counter()
-    writer = ShardWriter(out, len(groups) + len(layout))
-    write_outside(stream, groups, writer)
-    errors, nonzero = pass_two(stream, ids, cfg, allocation.blocks, layout, writer, len(groups))
+    ids, geo = windows.ids if windows is not None else None, stream.target.geometry
+    with tempfile.TemporaryDirectory(prefix="cfsp-stats-") as scratch:
+        t0 = time.perf_counter()
+        if captured is None:
+            folder = None if sequential_stats(cfg) else Path(scratch)
+            blocks, digests, scores = pass_one(stream, ids, folder, scorer(stream, cfg))
+            angular = torch.tensor([b.angular for b in blocks], dtype=torch.float64)
+            allocation = plan_from_scores(geo, angular, scores, cfg)
+            spill = Spill(folder, [None] * len(blocks))  # our own files: not hashed again
+        else:
+            allocation, spill = captured.plan, captured.spill
+        t1 = time.perf_counter()
+        dense = copy.deepcopy(stream.model)  # meta: pass 2 slices the skeleton's blocks
+        predicted = predicted_biases(dense, allocation.blocks, cfg)
+        layout, shadow = final_layout(dense, allocation.blocks, cfg, predicted)
+        writer = ShardWriter(out, len(groups) + len(layout))
+        write_outside(stream, groups, writer)
+        t2 = time.perf_counter()
+        errors, nonzero = pass_two(
+            stream, ids, cfg, allocation.blocks, layout, writer, len(groups), spill
+        )
     if nonzero != predicted:
         log.info(
             "compensation biases %s, not %s as predicted: rewriting shards", nonzero, predicted
@@ -310,16 +386,25 @@ def prune_streamed(
     writer.finish()
     custom = write_config(shadow, out)
     t3 = time.perf_counter()
-    timings = {"pass1": t1 - t0, "plan": t2 - t1, "pass2_and_write": t3 - t2}
+    timings = {"pass1": t1 - t0, "plan_and_outside": t2 - t1, "pass2_and_write": t3 - t2}
     report = prune_report(geo, allocation, cfg, errors, timings)
-    return StreamOutcome(report, shadow, custom, _summary(stream, timings))
+    return StreamOutcome(report, shadow, custom, _summary(stream, timings, cfg))
 
 
-def _summary(stream: Stream, timings: dict) -> dict:
+@dataclass
+class Captured:
+    """A capture made earlier (cfsp.engine.streamed_spill's folder) and the plan chosen from
+    it: what the pipeline's prune / reconstruct stages hand prune_streamed."""
+
+    plan: PrunePlan
+    spill: Spill | None  # None with stats=sequential (pass 2 retakes them)
+
+
+def _summary(stream: Stream, timings: dict, cfg: PruneConfig) -> dict:
     """Per-block time and peak memory rows, and the totals, for the manifest."""
     summary = {
         "device": str(stream.device),
-        "passes": "pass 1: angular + O(width) moments; plan; pass 2: Gram, fold, write",
+        "passes": PASSES_SEQUENTIAL if sequential_stats(cfg) else PASSES_DENSE,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "blocks": stream.rows,

@@ -53,11 +53,14 @@ class ChannelMoments(ChannelStats):
 
 
 @torch.no_grad()
-def block_moments(block, parts, hiddens: list, kwargs_list: list, device) -> BlockStats:
+def block_moments(
+    block, parts, hiddens: list, kwargs_list: list, device, empty=ChannelMoments.empty
+) -> BlockStats:
     """Run one block over every batch (outputs replace inputs): its angular distance and the
-    moments of the o_proj / down_proj inputs (the engine's block loop step, O(width) kept)."""
+    statistics of the o_proj / down_proj inputs made by `empty` (O(width) moments by default;
+    cfsp.engine.streamed_spill.GramMoments adds the Gram)."""
     with torch.device(device):
-        return run_block(block, parts, hiddens, kwargs_list, empty=ChannelMoments.empty)
+        return run_block(block, parts, hiddens, kwargs_list, empty=empty)
 
 
 class Meter:

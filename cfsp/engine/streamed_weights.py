@@ -158,3 +158,25 @@ class ShardWriter:
             "weight_map": dict(sorted(weight_map.items())),
         }
         (self.directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def consolidate(directory: Path, limit: int) -> bool:
+    """Merge the shards of a checkpoint written by ShardWriter into one `model.safetensors`
+    (and drop the index) when their total is at most `limit` bytes: the layout the in-memory
+    engine's save_checkpoint writes for a checkpoint that fits one shard. Holds at most `limit`
+    bytes of tensors; returns whether it merged."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    index = read_json(directory / INDEX, expect=dict)
+    if index["metadata"]["total_size"] > limit:
+        return False
+    shards = sorted(set(index["weight_map"].values()))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in shards:
+        tensors.update(load_file(str(directory / shard)))
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    for shard in shards:
+        (directory / shard).unlink()
+    (directory / INDEX).unlink()
+    return True

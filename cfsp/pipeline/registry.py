@@ -112,24 +112,25 @@ def _evaluate(ctx: StageContext) -> dict:
 
 CHECKPOINT = (MANIFEST,)  # a checkpoint is identified by its manifest's files_sha256
 RUNNER = "cfsp/pipeline/stages.py"
+STREAMED = "cfsp/pruning_streamed.py"  # the model stages run the streamed engine's passes
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
         Stage("prepare", _prepare, (), (stages.TOKENS, "prepare.json"), ("prepare", "dtype"),
               ("cfsp/data.py", "cfsp/embedded.py", RUNNER), per_method=False),
         Stage("capture", _capture, ("prepare",), (stages.STATS, "capture.json"),
-              ("capture", "dtype", "device"), ("cfsp/engine", RUNNER), per_method=False),
+              ("capture", "dtype", "device"), ("cfsp/engine", STREAMED, RUNNER), per_method=False),
         Stage("evaluate-dense", _evaluate, (), (stages.METRICS, "evaluate.json"),
               ("evaluate", "dtype", "device"), ("cfsp/evaluation", RUNNER), per_method=False),
         Stage("allocate", _allocate, ("capture",), (stages.ALLOCATION, "allocation.png"),
               ("allocate", "reconstruct", "dtype", "device"),
-              ("cfsp/engine", RUNNER),
+              ("cfsp/engine", STREAMED, RUNNER),
               per_method=True),
         Stage("prune", _prune_call, ("capture", "allocate"), CHECKPOINT, ("dtype", "device"),
-              ("cfsp/engine", "cfsp/export.py", RUNNER), per_method=True),
+              ("cfsp/engine", "cfsp/export.py", STREAMED, RUNNER), per_method=True),
         Stage("reconstruct", _reconstruct, ("prepare", "capture", "allocate"), CHECKPOINT,
               ("allocate", "reconstruct", "dtype", "device"),
-              ("cfsp/engine", RUNNER), per_method=True),
+              ("cfsp/engine", STREAMED, RUNNER), per_method=True),
         Stage("recover", _recover, ("capture", "reconstruct"), CHECKPOINT,
               ("recover", "allocate.temperature", "allocate.control", "dtype", "device"),
               ("cfsp/recover.py", RUNNER), per_method=True, enabled_by="recover.enabled"),

@@ -1,12 +1,20 @@
 """The pipeline's stages as pure functions: specs and artifact paths in, artifacts out.
 
     prepare      model + text source        -> tokens.safetensors (+ fingerprint)
-    capture      model + tokens             -> stats.safetensors
-    allocate     model + stats + config     -> allocation.json + allocation.png
+    capture      model + tokens             -> moments.safetensors (O(width) per block) and
+                                               grams/block-NNNNN.safetensors (one per block)
+    allocate     model + moments + config   -> allocation.json + allocation.png
     prune        model + allocation         -> pruned checkpoint (no compensation)
     reconstruct  model + allocation + stats -> reconstructed checkpoint
     recover      checkpoint + stats + text  -> LoRA-healed checkpoint, merged (optional)
     evaluate     checkpoint + eval config   -> metrics.json
+
+The model stages follow the block-streamed engine's passes (cfsp.engine.streamed): capture
+is its pass 1 (one dense forward, each block's weights loaded in turn, its Gram matrices
+written to their own file as soon as the block is done), allocate reads the O(width) moments
+and each block's weights in turn (no forward), prune / reconstruct are its pass 2 (each block
+read, folded from its own statistics file, written). No stage holds more than one block's
+weights or width^2 statistics.
 
 The stage registry (cfsp.pipeline.registry) declares each one's inputs, artifacts and
 parameters; the CLI (`cfsp stage ...`), the Prefect tasks and the DVC stages all call these
@@ -20,6 +28,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -27,10 +36,8 @@ from safetensors.torch import save_file
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
 from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash
 from cfsp.devices import resolve_device
-from cfsp.engine.capture import capture
-from cfsp.engine.driver import plan_pruning, prune_model
 from cfsp.engine.plan import PrunePlan
-from cfsp.engine.statistics import Statistics
+from cfsp.engine.streamed_spill import MOMENTS, check_grams, read_moments, write_moments
 from cfsp.errors import CfspError, UsageError
 from cfsp.evaluation.from_spec import evaluate_model
 from cfsp.export import read_manifest, save_checkpoint
@@ -42,7 +49,7 @@ from cfsp.pruning import build_manifest
 log = logging.getLogger(__name__)
 
 TOKENS = "tokens.safetensors"
-STATS = "stats.safetensors"
+STATS = MOMENTS  # the capture's first artifact; its hash covers every block file's
 ALLOCATION = "allocation.json"
 METRICS = "metrics.json"
 
@@ -93,6 +100,22 @@ def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float3
     return fingerprint
 
 
+def _source(model_spec: str):
+    """(directory, revision, config) of a model the streamed stages can read block by block."""
+    from cfsp.pruning_streamed import stream_source
+
+    return stream_source(model_spec)
+
+
+def _open(model_spec: str, dtype: str, batch_size: int = 8, device: str = "cpu"):
+    from cfsp.engine.streamed import open_stream
+    from cfsp.models import parse_dtype
+
+    path, revision, config = _source(model_spec)
+    stream = open_stream(path, config, parse_dtype(dtype), resolve_device(device), batch_size)
+    return stream, path, revision
+
+
 def capture_stage(
     model_spec: str,
     tokens: Path,
@@ -101,38 +124,42 @@ def capture_stage(
     dtype: str = "float32",
     device: str = "cpu",
 ) -> dict:
-    """One pass over the calibration tokens on `device`; writes per-block statistics."""
-    torch_device = resolve_device(device)
+    """The streamed engine's pass 1 over the calibration tokens: per-block statistics, the
+    O(width) part in one file, each block's Gram matrices in a file of its own."""
+    from cfsp.engine.streamed import pass_one
+
     check_output_dir(out)
     windows = _load_tokens(tokens)
-    loaded = load_model(model_spec, dtype=dtype)
-    loaded.model.to(torch_device)
-    stats = capture(loaded.model, windows, batch_size=batch_size)
+    stream, _, _ = _open(model_spec, dtype, batch_size, device)
+    start = time.perf_counter()
     with atomic_dir(out) as tmp:
-        stats.save(tmp / STATS)
+        blocks, digests, _ = pass_one(stream, windows.ids, tmp)
+        wall = round(time.perf_counter() - start, 3)
+        write_moments(tmp, blocks, windows.fingerprint, wall, digests)
         write_json(
             tmp / "capture.json",
             {
                 "fingerprint": windows.fingerprint,
-                "wall_s": stats.wall_s,
-                "angular": [b.angular for b in stats.blocks],
+                "wall_s": wall,
+                "angular": [b.angular for b in blocks],
                 "batch_size": batch_size,
-                "device": str(torch_device),
+                "device": str(resolve_device(device)),
+                "blocks": stream.rows,
             },
         )
-    return {"wall_s": stats.wall_s, "blocks": len(stats.blocks)}
+    return {"wall_s": wall, "blocks": len(blocks)}
 
 
-def _load_stats(path: Path) -> Statistics:
+def _load_moments(path: Path) -> tuple[Path, list, dict]:
+    """(capture folder, per-block O(width) statistics, metadata) of a capture folder or its
+    moments file."""
     path = Path(path)
-    path = path / STATS if path.is_dir() else path
+    path = path / MOMENTS if path.is_dir() else path
     if not path.exists() and not path.is_symlink():
         raise UsageError(f"statistics {path} do not exist; run the capture stage first")
     check_safetensors(path)
-    try:
-        return Statistics.load(path)
-    except (KeyError, TypeError, ValueError, IndexError, SafetensorError) as err:
-        raise CfspError(f"{path} is not a statistics file ({_what(err)})") from err
+    blocks, meta = read_moments(path)
+    return path.parent, blocks, meta
 
 
 def allocate_stage(
@@ -143,19 +170,25 @@ def allocate_stage(
     dtype: str = "float32",
     device: str = "cpu",
 ) -> dict:
-    """Per-block keep ratios and kept indices, with a plot against the angular distances
-    (fine scores computed on `device`)."""
-    torch_device = resolve_device(device)
+    """Per-block keep ratios and kept indices, with a plot against the angular distances:
+    fine scores from the captured moments and each block's weights, loaded in turn."""
+    import torch
+
+    from cfsp.engine.driver import plan_from_scores
+    from cfsp.engine.streamed import score_blocks
+
     check_output_dir(out)
-    stats = _load_stats(stats_path)
-    loaded = load_model(model_spec, dtype=dtype)
-    loaded.model.to(torch_device)
+    _, blocks, meta = _load_moments(stats_path)
+    stream, _, _ = _open(model_spec, dtype, device=device)
     start = time.perf_counter()
-    alloc = plan_pruning(loaded.model, stats, cfg)
+    scores = score_blocks(stream, blocks, cfg)
+    angular = [b.angular for b in blocks]
+    geo = stream.target.geometry
+    alloc = plan_from_scores(geo, torch.tensor(angular, dtype=torch.float64), scores, cfg)
     payload = {
         "config": cfg.model_dump(),
-        "calibration": stats.fingerprint,
-        "angular": [b.angular for b in stats.blocks],
+        "calibration": meta.get("fingerprint", {}),
+        "angular": angular,
         **alloc.to_dict(),
         "widths": [b.widths().to_dict() for b in alloc.blocks],
         "wall_s": round(time.perf_counter() - start, 3),
@@ -182,27 +215,53 @@ def _slice(
     tokens: Path | None,
     device: str = "cpu",
 ) -> dict:
-    torch_device = resolve_device(device)
+    """The streamed engine's pass 2 from a capture and an allocation: each block read,
+    folded from its own statistics file (or, stats=sequential, from a forward over `tokens`
+    through the pruned blocks), and written; then tokenizer, card and manifest."""
+    from transformers import AutoTokenizer
+
+    from cfsp.engine.streamed import Captured, Spill, prune_streamed, sequential_stats
+    from cfsp.engine.streamed_weights import consolidate
+    from cfsp.export import MAX_SHARD_SIZE
+    from cfsp.io import parse_shard_size
+    from cfsp.models import parse_dtype
+    from cfsp.pruning_streamed import write_rest
+
     check_output_dir(out)
-    stats = _load_stats(stats_path)
+    folder, blocks, meta = _load_moments(stats_path)
     windows = _load_tokens(tokens) if tokens is not None else None
-    loaded = load_model(model_spec, dtype=dtype)
-    loaded.model.to(torch_device)
-    params_before = count_params(loaded.model)
+    path, revision, config = _source(model_spec)
+    spill = None
+    if not sequential_stats(cfg):
+        spill = Spill(folder, check_grams(folder, meta, len(blocks)))
+    skeleton_params = _dense_params(config, dtype)
     start = time.perf_counter()
-    report = prune_model(loaded.model, stats, cfg, windows=windows, plan=alloc)
-    manifest = build_manifest(
-        model_spec,
-        loaded,
-        stats.fingerprint,
-        report,
-        params_before,
-        {"capture": stats.wall_s, "slice": round(time.perf_counter() - start, 3)},
-    )
-    loaded.model.to("cpu")  # written from host memory
     with atomic_dir(out) as tmp:
-        save_checkpoint(loaded.model, loaded.tokenizer, tmp, manifest)
+        outcome = prune_streamed(
+            path, windows, cfg, tmp, parse_dtype(dtype), resolve_device(device), config=config,
+            captured=Captured(alloc, spill),
+        )  # fmt: skip
+        outcome.stream["consolidated"] = consolidate(tmp, parse_shard_size(MAX_SHARD_SIZE))
+        loaded = SimpleNamespace(path=str(path), revision=revision, model=outcome.shadow)
+        manifest = build_manifest(
+            model_spec,
+            loaded,
+            meta.get("fingerprint", {}),
+            outcome.report,
+            skeleton_params,
+            {"capture": meta.get("wall_s", 0.0), "slice": round(time.perf_counter() - start, 3)},
+            stream=outcome.stream,
+        )
+        write_rest(path, AutoTokenizer.from_pretrained(path), tmp, manifest, outcome.custom_code)
+    report = outcome.report
     return {"achieved_fraction": report.achieved_fraction, "params_after": manifest["params_after"]}
+
+
+def _dense_params(config, dtype: str) -> int:
+    from cfsp.engine.streamed_weights import empty_model
+    from cfsp.models import parse_dtype
+
+    return count_params(empty_model(config, parse_dtype(dtype)))
 
 
 def _load_allocation(path: Path) -> PrunePlan:

@@ -1,0 +1,183 @@
+"""Per-block calibration statistics on disk: what the streamed engine's first pass leaves.
+
+The first pass (cfsp.engine.streamed) runs each dense block once and keeps two things:
+  moments.safetensors          every block's O(width) part: angular distance, token count and,
+                               per o_proj / down_proj input channel, sum and sum of squares
+                               (float64); its metadata also holds the calibration fingerprint
+                               and the sha256 of every block file, so its own hash names the
+                               whole folder (the pipeline's content hash).
+  grams/block-NNNNN.safetensors  one block's Gram matrices X^T X of the o_proj and down_proj
+                               inputs (float32, plus the sums), written when the block is done.
+The allocation reads only the first; the second pass reads one block file at a time, so
+nothing of size width^2 is held for more than one block, and a sweep over budgets or methods
+shares one capture. The Gram is accumulated in float32 (`GramMoments`: one fused addmm per
+batch, no float64 copy of a width^2 matrix) and read back as float64 for the solves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load, save, save_file
+
+from cfsp.engine.statistics import BlockStats, ChannelStats, finite_rows
+from cfsp.engine.streamed_stats import ChannelMoments
+from cfsp.errors import CfspError, UsageError
+from cfsp.io import atomic_file
+
+MOMENTS = "moments.safetensors"
+GRAMS = "grams"
+MODULES = ("o", "down")
+
+
+@dataclass
+class GramMoments(ChannelStats):
+    """count, sum [n] and sum of squares [n] (float64) and the float32 Gram [n, n]."""
+
+    sq: torch.Tensor | None = None
+
+    @classmethod
+    def empty(cls, n: int) -> GramMoments:
+        """Zeros on the current default device (the caller's `with torch.device(...)`)."""
+        z = torch.zeros(n, dtype=torch.float64)
+        return cls(0, z, torch.zeros(n, n, dtype=torch.float32), z.clone())
+
+    def add(self, x: torch.Tensor, gram_dtype: torch.dtype = torch.float32) -> None:
+        x = finite_rows(x, torch.float32)
+        self.count += x.shape[0]
+        self.sum += x.sum(0, dtype=torch.float64)
+        self.sq += x.double().square().sum(0)
+        self.gram.addmm_(x.T, x)
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        return self.sq.clone()  # the exact float64 diagonal, as the moments carry it
+
+    def moments(self) -> ChannelMoments:
+        return ChannelMoments(self.count, self.sum, None, self.sq)
+
+
+def block_file(folder: Path, index: int) -> Path:
+    return Path(folder) / GRAMS / f"block-{index:05d}.safetensors"
+
+
+def write_block(folder: Path, index: int, stats: BlockStats) -> str:
+    """One block's Gram matrices and sums (float32 / float64) to its own file; returns the
+    file's sha256 (hashed from the bytes written, not read back)."""
+    path = block_file(folder, index)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors, meta = {}, {"angular": stats.angular, "tokens": stats.tokens}
+    for name in MODULES:
+        st = getattr(stats, name)
+        tensors[f"{name}.sum"] = st.sum.cpu().contiguous()
+        tensors[f"{name}.gram"] = st.gram.to("cpu", torch.float32).contiguous()
+        meta[f"{name}_count"] = st.count
+    data = save(tensors, metadata={"cfsp": json.dumps(meta)})
+    with atomic_file(path) as tmp:
+        Path(tmp).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_block(
+    folder: Path, index: int, digest: str | None = None, device: torch.device | str = "cpu"
+) -> BlockStats:
+    """One block's statistics with float64 Grams (what cfsp.engine.reconstruct solves with),
+    on `device`; with `digest`, the file must have that sha256."""
+    path = block_file(folder, index)
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist: the capture holds no statistics of block {index}")
+    data = path.read_bytes()
+    if digest is not None and hashlib.sha256(data).hexdigest() != digest:
+        raise CfspError(f"{path} changed since the capture (its sha256 differs)")
+    try:
+        meta = json.loads(_header_metadata(data)["cfsp"])
+        tensors = load(data)
+        parts = {
+            name: ChannelStats(
+                int(meta[f"{name}_count"]),
+                tensors[f"{name}.sum"].to(device, torch.float64),
+                tensors[f"{name}.gram"].to(device, torch.float64),
+            )
+            for name in MODULES
+        }
+    except (KeyError, TypeError, ValueError, SafetensorError) as err:
+        raise CfspError(f"{path} is not a block statistics file ({_what(err)})") from err
+    return BlockStats(float(meta["angular"]), int(meta["tokens"]), parts["o"], parts["down"])
+
+
+def _header_metadata(data: bytes) -> dict:
+    """The `__metadata__` of a safetensors file held in memory (8-byte length, JSON header)."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size]).get("__metadata__") or {}
+
+
+def write_moments(
+    folder: Path, blocks: list[BlockStats], fingerprint: dict, wall_s: float, grams: list[str]
+) -> None:
+    """Every block's O(width) part, and the sha256 of the block files written (`grams`, in
+    block order; empty when the capture kept no Gram matrices)."""
+    tensors, meta = {}, {"fingerprint": fingerprint, "wall_s": wall_s, "blocks": []}
+    for i, b in enumerate(blocks):
+        row = {"angular": b.angular, "tokens": b.tokens}
+        for name in MODULES:
+            st = getattr(b, name)
+            tensors[f"{i}.{name}.sum"] = st.sum.cpu().contiguous()
+            tensors[f"{i}.{name}.sq"] = st.sq_norm.cpu().contiguous()
+            row[f"{name}_count"] = st.count
+        meta["blocks"].append(row)
+    meta["grams"] = list(grams)
+    with atomic_file(Path(folder) / MOMENTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"cfsp": json.dumps(meta)})
+
+
+def read_moments(folder: Path) -> tuple[list[BlockStats], dict]:
+    """The O(width) statistics of every block (ChannelMoments) and the file's metadata, from a
+    capture folder or its moments file."""
+    path = Path(folder)
+    path = path / MOMENTS if path.is_dir() else path
+    try:
+        with safe_open(str(path), "pt") as handle:
+            meta = json.loads(handle.metadata()["cfsp"])
+            blocks = []
+            for i, row in enumerate(meta["blocks"]):
+                parts = {
+                    name: ChannelMoments(
+                        int(row[f"{name}_count"]),
+                        handle.get_tensor(f"{i}.{name}.sum"),
+                        None,
+                        handle.get_tensor(f"{i}.{name}.sq"),
+                    )
+                    for name in MODULES
+                }
+                blocks.append(
+                    BlockStats(float(row["angular"]), int(row["tokens"]), parts["o"], parts["down"])
+                )
+    except (KeyError, TypeError, ValueError, SafetensorError) as err:
+        raise CfspError(f"{path} is not a moments file ({_what(err)})") from err
+    return blocks, meta
+
+
+def check_grams(folder: Path, meta: dict, blocks: int) -> list[str]:
+    """The recorded sha256 of every block file; refuse a capture that has none for some block
+    (one captured without Gram matrices) or whose files are missing."""
+    recorded = meta.get("grams") or []
+    if not isinstance(recorded, list) or len(recorded) != blocks:
+        raise CfspError(
+            f"{folder} holds Gram matrices of {len(recorded)} blocks, the model has {blocks}; "
+            "run the capture stage again"
+        )
+    for index in range(blocks):
+        if not block_file(folder, index).is_file():
+            raise CfspError(f"{block_file(folder, index)} is missing; run the capture stage again")
+    return recorded
+
+
+def _what(err: BaseException) -> str:
+    if isinstance(err, KeyError):
+        return f"no {err.args[0]!r} entry"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
