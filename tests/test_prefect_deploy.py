@@ -179,18 +179,21 @@ def test_deploy_worker_run_names_logs_and_json_results(tiny_project, prefect_api
     names = {t["name"] for t in tasks}
     assert {"prepare-tiny", "evaluate-dense-tiny", "prune-p0.4-cfsp"} <= names, names
     assert {"reconstruct-p0.4-cfsp", "track-tiny-p0.4-cfsp"} <= names, names
-    # Per-block lines of capture and of prune (logged by both the prune and the reconstruct
-    # task) and the sweep's own last line, from loggers cfsp.engine.* and cfsp.
-    starts = ("capture block ", "prune block ", "sweep of 1 runs took")
+    # Per-block lines of the streamed engine's two passes (capture = pass 1; prune and
+    # reconstruct = pass 2) and the sweep's own last line, from loggers cfsp.engine.* and cfsp.
+    starts = ("stream pass 1 block ", "stream pass 2 block ", "sweep of 1 runs took")
     messages = _run_logs(url, run_id, starts)
     lines = "\n".join(m for m in messages if " block " in m or " took " in m)
     for start in starts:
         assert any(m.startswith(start) for m in messages), f"{start}:\n{lines}\n{output}"
     assert (tiny_project / "out" / "runs" / "tiny-p0.4-cfsp" / "summary.json").is_file()
+    assert "Loading weights" not in output  # transformers' bars are off in a worker's run too
 
-    # Every persisted result is a JSON record written by the JSON serializer; nothing pickled.
+    # Stage results live in the store as JSON stage records; Prefect persists none of its own,
+    # and any result it did persist would be JSON written by the JSON serializer, never pickle.
+    records = list((tiny_project / "out" / "dvc").rglob("cfsp_stage.json"))
+    assert records and all(json.loads(r.read_text())["stage"] for r in records)
     files = [f for f in results.rglob("*") if f.is_file()]
-    assert files, "no task result was persisted"
     for f in files:
         record = json.loads(f.read_bytes())
         assert record["metadata"]["serializer"]["type"] == "json", f

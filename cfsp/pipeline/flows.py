@@ -175,6 +175,9 @@ def _log_to_prefect() -> None:
     flow-run process does)."""
     from prefect.logging.handlers import APILogHandler
 
+    from cfsp.logs import quiet_library_progress
+
+    quiet_library_progress()  # no `Loading weights` bars in a worker's run either
     log = logging.getLogger("cfsp")
     if log.getEffectiveLevel() > logging.INFO:
         log.setLevel(logging.INFO)
