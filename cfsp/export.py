@@ -31,7 +31,14 @@ import torch
 from safetensors.torch import load_file
 
 from cfsp.errors import CfspError, UsageError
-from cfsp.io import parse_shard_size, publish_modes, read_json, sha256_file, write_json
+from cfsp.io import (
+    as_os_error,
+    parse_shard_size,
+    publish_modes,
+    read_json,
+    sha256_file,
+    write_json,
+)
 
 MANIFEST = "cfsp_manifest.json"
 EXPORT_KINDS = ("compact", "padded", "uniform")
@@ -72,11 +79,10 @@ def _save_files(model, tokenizer, out: Path, max_shard_size: str | int) -> None:
             out, safe_serialization=True, max_shard_size=parse_shard_size(max_shard_size)
         )
     except SafetensorError as err:
-        code = re.search(r"os error (\d+)", str(err))
-        if code is None:
+        os_error = as_os_error(err, out)
+        if os_error is None:
             raise
-        number = int(code.group(1))
-        raise OSError(number, os.strerror(number), str(out)) from err
+        raise os_error from err
     tokenizer.save_pretrained(out)
 
 

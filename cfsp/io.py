@@ -441,3 +441,27 @@ def parse_shard_size(text: str | int) -> int:
             f"max shard size {text!r} is not a positive size such as 2GB, 500MB or 1000000"
         )
     return size
+
+
+def as_os_error(err: Exception, path: str | Path) -> OSError | None:
+    """The OSError inside a safetensors write failure ("... I/O error: No space left on device
+    (os error 28)"), so callers report a full disk as one line, as any other failed write."""
+    code = re.search(r"os error (\d+)", str(err))
+    if code is None:
+        return None
+    number = int(code.group(1))
+    return OSError(number, os.strerror(number), str(path))
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict | None = None) -> None:
+    """safetensors' save_file, its I/O failures raised as the OSError they are."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        os_error = as_os_error(err, path)
+        if os_error is None:
+            raise
+        raise os_error from err

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def stream_source(spec: str, trust_remote_code: bool = False):
     """(directory, revision, config) of a model spec that names safetensors on disk."""
+    from cfsp.arch import adapter_for
     from cfsp.embedded import EMBEDDED, embedded_checkpoint
     from cfsp.models import ALIASES, _read_config, _resolve_spec, check_checkpoint_dir
 
@@ -45,6 +46,7 @@ def stream_source(spec: str, trust_remote_code: bool = False):
         )
     check_checkpoint_dir(path)
     config = _read_config(path, trust_remote_code)
+    adapter_for(config)  # an unsupported architecture fails here, from config.json alone
     if getattr(config, "cfsp_layer_widths", None):
         raise UsageError(f"{spec} is already pruned to per-block widths; prune the dense model")
     return path, revision, config

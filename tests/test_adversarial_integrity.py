@@ -408,7 +408,10 @@ def test_file_size_limit_during_export(proj, ckpt):
     )
     assert proc.returncode == 1, proc.stderr[-3000:]
     line = error_line(proc.stderr)
-    assert f"could not write {ckpt}" in line and "File too large" in line
+    # The first write over 32 KiB fails: the streamed engine's per-block statistics spill
+    # (under TMPDIR) or the checkpoint itself; either way one line, and the old one intact.
+    assert line.startswith("error: could not write ") and "File too large" in line, line
+    assert "Traceback" not in proc.stderr
     assert snapshot(ckpt) == before and hidden(ckpt.parent) == []
 
 

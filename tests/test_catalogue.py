@@ -451,11 +451,14 @@ def test_output_that_is_not_a_checkpoint(proj, tmp_path, capsys):
 def test_full_disk_keeps_the_previous_checkpoint(proj, ckpt, capsys, monkeypatch):
     import transformers.modeling_utils as modeling_utils
 
+    from cfsp.engine import streamed_weights
+
     def full_disk(tensors, filename, metadata=None):
         Path(filename).write_bytes(b"\0" * 1000)  # a partial write, then the disk is full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
 
-    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)
+    monkeypatch.setattr(modeling_utils, "safe_save_file", full_disk)  # the in-memory engine
+    monkeypatch.setattr(streamed_weights, "save_safetensors", full_disk)  # the streamed one
     before = snapshot(ckpt)
     code, _, err = cli(capsys, *prune_args(proj, ckpt, "--budget", "0.5", "--overwrite"))
     assert code == 1

@@ -204,7 +204,7 @@ def tiny_prune_args(tmp_path, tiny_tokenizer):
 def test_a_log_gets_lines_without_progress_bars(tiny_prune_args, tmp_path):
     proc = _cfsp(*tiny_prune_args, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
-    assert "INFO capture block  0" in proc.stderr  # cfsp's own per-block progress lines
+    assert "INFO stream pass 1 block  0" in proc.stderr  # cfsp's own per-block progress lines
     assert "\r" not in proc.stderr + proc.stdout, proc.stderr
     assert "Loading weights" not in proc.stderr and "it/s" not in proc.stderr
     assert proc.stdout.startswith(f"{tmp_path / 'pruned'}: removed")  # where the checkpoint is
@@ -278,8 +278,8 @@ def test_on_a_terminal_bars_and_log_lines_never_share_a_line(tiny_prune_args):
     code, raw = _run_on_a_terminal(tiny_prune_args)
     assert code == 0, raw
     screen = _screen(raw)
-    bars = [line for line in screen if line.startswith("capture:")]
-    logs = [line for line in screen if "capture block" in line]
+    bars = [line for line in screen if line.startswith("pass 1:")]
+    logs = [line for line in screen if "stream pass 1 block" in line]
     assert bars and "\r" in raw, raw  # a terminal does get the bar
     assert len(logs) == 2, screen  # one line per block of the tiny model
     assert all("%|" not in line for line in logs), screen

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field, fields, replace
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from cfsp.devices import math_dtype
 from cfsp.errors import CfspError
-from cfsp.io import atomic_file
+from cfsp.io import atomic_file, save_safetensors
 
 
 def finite_rows(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -120,7 +120,7 @@ class Statistics:
                 }
             )
         with atomic_file(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"cfsp": json.dumps(meta)})
+            save_safetensors(tensors, str(tmp), metadata={"cfsp": json.dumps(meta)})
 
     @classmethod
     def load(cls, path) -> Statistics:

@@ -189,6 +189,14 @@ def _passthrough(hidden_states, *args, **kwargs):
 
 
 @torch.no_grad()
+def _bar(blocks, desc: str):
+    """A per-block progress bar, drawn only when stderr is a terminal (disable=None)."""
+    from tqdm.auto import tqdm
+
+    blocks = list(blocks)
+    return tqdm(blocks, desc=desc, total=len(blocks), disable=None, unit="block")
+
+
 def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None):
     """Run every dense block once: its angular distance and O(width) moments; with `spill`,
     also its Gram matrices, written to `spill` (one file per block) as soon as the block is
@@ -197,7 +205,7 @@ def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None):
     hiddens, kwargs_list = first_inputs(stream, ids)
     empty = GramMoments.empty if spill is not None else ChannelMoments.empty
     blocks, digests, scores = [], [], []
-    for index, block in enumerate(stream.layers()):
+    for index, block in enumerate(_bar(stream.layers(), "pass 1")):
         t0 = time.perf_counter()
         stream.load(block)
         parts = stream.adapter.parts(block)
@@ -290,7 +298,7 @@ def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first
     sequential = sequential_stats(cfg)
     hiddens, kwargs_list = first_inputs(stream, ids) if sequential else (None, None)
     errors, nonzero = [], {role: False for role in ROLES}
-    for index, (block, plan) in enumerate(zip(stream.layers(), plans, strict=True)):
+    for index, (block, plan) in enumerate(_bar(zip(stream.layers(), plans, strict=True), "pass 2")):
         t0 = time.perf_counter()
         prefix = stream.prefix(block)
         stream.load(block)

@@ -23,12 +23,12 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load, save, save_file
+from safetensors.torch import load, save
 
 from cfsp.engine.statistics import BlockStats, ChannelStats, finite_rows
 from cfsp.engine.streamed_stats import ChannelMoments
 from cfsp.errors import CfspError, UsageError
-from cfsp.io import atomic_file
+from cfsp.io import atomic_file, save_safetensors
 
 MOMENTS = "moments.safetensors"
 GRAMS = "grams"
@@ -132,7 +132,7 @@ def write_moments(
         meta["blocks"].append(row)
     meta["grams"] = list(grams)
     with atomic_file(Path(folder) / MOMENTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"cfsp": json.dumps(meta)})
+        save_safetensors(tensors, str(tmp), metadata={"cfsp": json.dumps(meta)})
 
 
 def read_moments(folder: Path) -> tuple[list[BlockStats], dict]:

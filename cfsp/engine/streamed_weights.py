@@ -18,12 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from cfsp.devices import resolve_device  # noqa: F401  (re-exported: one resolver)
 from cfsp.errors import CfspError
-from cfsp.io import read_json
+from cfsp.io import read_json, save_safetensors
 
 INDEX = "model.safetensors.index.json"
 
@@ -148,7 +147,7 @@ class ShardWriter:
     def write(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         name = shard_name(index, self.total)
         cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(cpu, str(self.directory / name), metadata={"format": "pt"})
+        save_safetensors(cpu, str(self.directory / name), metadata={"format": "pt"})
         self.shards[name] = {k: v.numel() * v.element_size() for k, v in cpu.items()}
 
     def finish(self) -> None:
@@ -175,7 +174,7 @@ def consolidate(directory: Path, limit: int) -> bool:
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         tensors.update(load_file(str(directory / shard)))
-    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     for shard in shards:
         (directory / shard).unlink()
     (directory / INDEX).unlink()
