@@ -77,16 +77,22 @@ def liar_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
     return w_s + w_p @ q, b + w_p @ p
 
 
-def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+def damped_cholesky(a: torch.Tensor, damping: float) -> torch.Tensor:
+    """Cholesky factor of A + lambda I, lambda = damping * mean(diag A), tenfold more until
+    it factors (one damping rule for the refit and for error-aware selection)."""
     scale = float(a.diagonal().mean().clamp_min(0))
     lam = damping * scale if scale > 0 else 1e-8
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for _ in range(8):
         chol, info = torch.linalg.cholesky_ex(a + lam * eye)
         if int(info) == 0:
-            return torch.cholesky_solve(rhs, chol)
+            return chol
         lam *= 10
     raise RuntimeError("covariance is not positive definite even with heavy damping")
+
+
+def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.Tensor:
+    return torch.cholesky_solve(rhs, damped_cholesky(a, damping))
 
 
 def relative_error(

@@ -37,6 +37,7 @@ import math
 import torch
 
 from cfsp.engine.plan import BlockCounts, BlockPlan
+from cfsp.engine.reconstruct import damped_cholesky
 from cfsp.engine.statistics import ChannelStats
 
 MAX_STEPS = 32  # FFN removal steps per module at most (chunk = ceil(|P| / MAX_STEPS))
@@ -44,15 +45,7 @@ MAX_STEPS = 32  # FFN removal steps per module at most (chunk = ceil(|P| / MAX_S
 
 def damped_inverse(cov: torch.Tensor, damping: float) -> torch.Tensor:
     """(C + lambda I)^-1, lambda = damping * mean(diag C), tenfold more until it factors."""
-    scale = float(cov.diagonal().mean().clamp_min(0))
-    lam = damping * scale if scale > 0 else 1e-8
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(cov + lam * eye)
-        if int(info) == 0:
-            return torch.cholesky_inverse(chol)
-        lam *= 10
-    raise RuntimeError("covariance is not positive definite even with heavy damping")
+    return torch.cholesky_inverse(damped_cholesky(cov, damping))
 
 
 class ErrorState:
