@@ -165,6 +165,38 @@ def test_blocks_are_released_after_use(tmp_path):
     assert all(p.is_meta for p in skeleton.parameters())
 
 
+def test_loading_a_block_while_another_thread_builds_a_skeleton(tmp_path):
+    """Two stages stream in two threads (`cfsp run`): accelerate's init_empty_weights, active
+    while one builds its skeleton, must not put the other's freshly loaded weights on meta."""
+    import threading
+
+    from transformers import AutoConfig
+
+    from cfsp.engine.streamed_weights import empty_model
+
+    src = tmp_path / "src"
+    tiny_model("llama-gqa").save_pretrained(src)
+    config = AutoConfig.from_pretrained(src)
+    skeleton, reader = empty_model(config, torch.float32), CheckpointReader(src)
+    stop = threading.Event()
+
+    def build_skeletons():
+        while not stop.is_set():
+            empty_model(config, torch.float32)
+
+    builder = threading.Thread(target=build_skeletons)
+    builder.start()
+    try:
+        for _ in range(200):
+            block = skeleton.model.layers[0]
+            load_into(block, "model.layers.0.", reader, torch.device("cpu"), torch.float32)
+            assert not any(p.is_meta for p in block.parameters())
+            release(block)
+    finally:
+        stop.set()
+        builder.join()
+
+
 def test_checkpoint_that_does_not_match_its_config_is_refused(tmp_path):
     from safetensors.torch import load_file, save_file
 

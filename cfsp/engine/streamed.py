@@ -85,6 +85,7 @@ from cfsp.engine.target import Target
 from cfsp.errors import CfspError, UsageError
 from cfsp.export import write_config
 from cfsp.faults import kill_point
+from cfsp.models import _LOAD_LOCK
 
 log = logging.getLogger(__name__)
 PASSES_DENSE = "pass 1: forward, moments + Grams spilled per block; plan; pass 2: read, fold, write"
@@ -305,7 +306,9 @@ def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first
         stats = None
         if not sequential:
             stats = read_block(spill.folder, index, spill.digests[index], stream.device)
-        with torch.device(stream.device):  # factories inside cfsp's functions: on the device
+        # factories inside cfsp's functions on the device; the lock: slicing creates modules
+        # and parameters, which must not meet another thread's skeleton build (empty_model)
+        with _LOAD_LOCK, torch.device(stream.device):
             row = prune_one(stream, block, plan, cfg, stats, hiddens, kwargs_list)
         row = {"block": index, **row}
         for role, value in nonzero_biases(adapter, block, stock, cfg).items():

@@ -115,11 +115,13 @@ def load_into(module: nn.Module, prefix: str, reader: CheckpointReader, device, 
     """Give `module`'s parameters the checkpoint's tensors `prefix + name` (on `device`)."""
     names = [prefix + n for n, _ in module.named_parameters()]
     tensors = reader.read(names, device, dtype)
-    state = {n[len(prefix) :]: t for n, t in tensors.items()}
-    module.load_state_dict(state, strict=False, assign=True)
-    # assign keeps requires_grad of the tensor given; inference only
-    for p in module.parameters():
-        p.requires_grad_(False)
+    # Straight into `_parameters`, as `release` does: `setattr` / load_state_dict(assign=True)
+    # go through nn.Module.register_parameter, which accelerate's init_empty_weights patches
+    # process-wide while another thread builds a skeleton (the tensor would land on meta).
+    for name, tensor in tensors.items():
+        owner, _, leaf = name[len(prefix) :].rpartition(".")
+        sub = module.get_submodule(owner) if owner else module
+        sub._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
 
 
 def release(module: nn.Module) -> None:
