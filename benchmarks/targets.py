@@ -187,7 +187,30 @@ def render_markdown(payloads: list[dict], md_dir: Path) -> str:
     ]
     for payload in ordered:
         lines += _section(payload, md_dir)
-    return "\n".join(lines)
+    return "\n".join(lines + scale_section(md_dir))
+
+
+SCALE_TABLE = "benchmarks/results/scale.md"  # written by `python -m benchmarks.scale report`
+
+
+def scale_section(md_dir: Path) -> list[str]:
+    """The scale benchmark's table and plot (benchmarks/scale.py), when it has been run."""
+    table = md_dir / SCALE_TABLE
+    if not table.is_file():
+        return []
+    return [
+        "## Scale",
+        "",
+        "Random-init checkpoints of public shapes pruned by `cfsp prune` (streamed engine, "
+        "bfloat16, p = 0.3, botchan:train calibration) on this 2-core CPU machine: wall time "
+        "against one dense forward over the same calibration tokens, peak RSS of the process "
+        "tree, bytes of statistics spilled (`python -m benchmarks.scale measure --shape S`).",
+        "",
+        table.read_text().strip(),
+        "",
+        "![cost against model size](benchmarks/results/scale.png)",
+        "",
+    ]
 
 
 def _anchor(model: str) -> str:

@@ -6,10 +6,12 @@ any work starts. Every command and pipeline stage resolves its `--device` / para
 through `resolve_device`.
 
 Precision of the statistics math (Gram sums, covariance, Cholesky solves, fine scores):
-float64 on the CPU, where it costs little and is what cfsp has always done; float32 on CUDA,
-where float64 is slow on most cards (solves stay damped Cholesky, see
-cfsp.engine.reconstruct). `CFSP_MATH_DTYPE=float32|float64` overrides this for a comparison;
-the choice made is recorded in the prune report (`math_dtype`).
+float32 on every device. The solves are damped Cholesky (damping x mean diagonal bounds the
+condition number, see cfsp.engine.reconstruct), and on SmolLM2-135M float32 and float64 kept the
+same heads and channels in every block with the same perplexity to 4e-8 (README, "Devices");
+float64 doubled the memory and time of every width^2 step on the CPU. `CFSP_MATH_DTYPE=float64`
+brings float64 back for a comparison; the choice made is recorded in the prune report
+(`math_dtype`).
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def resolve_device(name: str | None) -> torch.device:
 
 
 def math_dtype(device: torch.device | str | None = None) -> torch.dtype:
-    """The dtype of the statistics math on `device` (None: the current default device)."""
+    """The dtype of the statistics math on `device`: float32 everywhere unless CFSP_MATH_DTYPE
+    says otherwise (`device` is kept so that a per-device choice stays one place to change)."""
     import torch
 
     forced = os.environ.get("CFSP_MATH_DTYPE", "").strip()
@@ -61,8 +64,7 @@ def math_dtype(device: torch.device | str | None = None) -> torch.dtype:
         if forced not in ("float32", "float64"):
             raise UsageError(f"CFSP_MATH_DTYPE={forced!r}: choose float32 or float64")
         return getattr(torch, forced)
-    device = torch.get_default_device() if device is None else torch.device(device)
-    return torch.float64 if device.type == "cpu" else torch.float32
+    return torch.float32
 
 
 def synchronize(device: torch.device) -> None:
@@ -88,3 +90,27 @@ def peak_device_mib(device: torch.device) -> float | None:
     import torch
 
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+
+
+HEAP_MMAP_THRESHOLD = 1 << 20  # bytes; buffers from this size on are mapped and unmapped
+
+
+def bound_host_heap() -> bool:
+    """Pin glibc's mmap threshold so that freed activation buffers return to the OS.
+
+    glibc raises its threshold after each large free (up to 32 MiB), after which buffers below
+    it come from the heap and its fragments stay resident: the streamed engine's RSS then grew by
+    ~80 MiB per block on the TinyLlama-1.1B shape (following the depth, which it must not).
+    Setting the threshold turns the dynamic raise off. Returns whether it was set (glibc only).
+    """
+    import ctypes
+    import ctypes.util
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(-3, HEAP_MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
+        return False

@@ -50,10 +50,10 @@ def test_params_device_key():
 
 def test_math_dtype_per_device(monkeypatch):
     monkeypatch.delenv("CFSP_MATH_DTYPE", raising=False)
-    assert math_dtype("cpu") == torch.float64
-    assert math_dtype(torch.device("cuda", 0)) == torch.float32  # a name; no GPU needed
-    monkeypatch.setenv("CFSP_MATH_DTYPE", "float32")
     assert math_dtype("cpu") == torch.float32
+    assert math_dtype(torch.device("cuda", 0)) == torch.float32  # a name; no GPU needed
+    monkeypatch.setenv("CFSP_MATH_DTYPE", "float64")
+    assert math_dtype("cpu") == torch.float64
     monkeypatch.setenv("CFSP_MATH_DTYPE", "half")
     with pytest.raises(UsageError, match="CFSP_MATH_DTYPE='half'"):
         math_dtype("cpu")

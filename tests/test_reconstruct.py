@@ -9,6 +9,13 @@ from cfsp.engine.statistics import ChannelStats
 from tests.conftest import random_windows, tiny_model
 
 
+@pytest.fixture(autouse=True)
+def _float64_math(monkeypatch):
+    """These tests check the formulas to 1e-6 or so: float64 math (cfsp's default is float32,
+    whose agreement with float64 on real models is tests/test_devices.py's concern)."""
+    monkeypatch.setenv("CFSP_MATH_DTYPE", "float64")
+
+
 def _stats(x: torch.Tensor) -> ChannelStats:
     st = ChannelStats.empty(x.shape[1])
     st.add(x, torch.float64)

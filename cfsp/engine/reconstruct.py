@@ -8,12 +8,13 @@ statistics (mean mu, covariance C of x):
         fold:  W_S' = W_S + W_P Q,   b' = b + W_P p
   bias  Q = 0:  W_S' = W_S,  b' = b + W_P mu_P        (FLAP's compensation)
   none  W_S' = W_S,  b' = b
-Solved with Cholesky on the weight's device in `cfsp.devices.math_dtype` (float64 on the CPU,
-float32 on CUDA; the damping keeps the float32 system well conditioned: cond <= 1 + max eig /
-lambda); if the damped matrix is still not positive definite the damping grows tenfold until
+Solved with Cholesky on the weight's device in `cfsp.devices.math_dtype` (float32 unless
+CFSP_MATH_DTYPE=float64; the damping keeps the float32 system well conditioned: cond <= 1 + max
+eig / lambda); if the damped matrix is still not positive definite the damping grows tenfold until
 it is. The relative output error on calibration data,
   E = E_x ||(W x + b) - (W_S' x_S + b')||^2 / E_x ||W x + b||^2,
-is computed exactly from the same statistics (`relative_error`).
+is computed from the same statistics (`relative_error`; exact up to 512 output rows, above on 512
+evenly spaced rows: a report, and its full cost would exceed a 7B block's forward).
 Each method is one function (W [n_out, n] and b [n_out] in the math dtype, `ChannelStats`, kept S,
 pruned P) -> (W_S', b'), named in `cfsp.engine.registry.RECONSTRUCTIONS`.
 """
@@ -68,9 +69,9 @@ def liar_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
         return bias_fold(w, b, stats, keep, pruned, damping)
     w_s, w_p = w[:, keep], w[:, pruned]
     mu = stats.mean
-    cov = stats.cov
-    c_ss = cov[keep][:, keep]
-    c_sp = cov[keep][:, pruned]
+    kept_rows = stats.cov[keep]
+    c_ss, c_sp = kept_rows[:, keep], kept_rows[:, pruned]
+    del kept_rows
     q_t = _damped_solve(c_ss, c_sp, damping)  # [|S|, |P|] = (C_SS + lambda I)^-1 C_SP
     q = q_t.T
     p = mu[pruned] - q @ mu[keep]
@@ -95,6 +96,18 @@ def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.T
     return torch.cholesky_solve(rhs, damped_cholesky(a, damping))
 
 
+REPORT_ROWS = 512  # output rows the error report reads (all of them up to this many)
+
+
+def report_rows(n_out: int, device) -> torch.Tensor | None:
+    """The output rows the error report reads: None (all) up to REPORT_ROWS, else REPORT_ROWS
+    evenly spaced ones. The report's quadratic forms cost rows x n^2; on all 4096 rows of a
+    Llama-2-7B down_proj that was ~2e12 flop per block, more than the block's forward."""
+    if n_out <= REPORT_ROWS:
+        return None
+    return torch.linspace(0, n_out - 1, REPORT_ROWS, device=device).round().long().unique()
+
+
 def relative_error(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -106,26 +119,37 @@ def relative_error(
 ) -> float:
     """E_x ||y - y'||^2 / E_x ||y||^2 from the Gram matrix and mean (no activations needed).
 
-    A report, not a solve: the quadratic forms run in float32 (4x faster on CPU, ~1e-5 rel.),
-    over the input channels where the weights changed only (the unfolded slice changes the
-    pruned ones alone). `total`: E_x ||y||^2 (`output_energy`) when the caller has it.
+    A report, not a solve: the quadratic forms run in float32, over the input channels where the
+    weights changed only (the unfolded slice changes the pruned ones alone), and over the output
+    rows of `report_rows` (exact up to 512 rows; above, the ratio on 512 evenly spaced rows).
+    `total`: `output_energy` (same rows) when the caller has it.
     """
-    w = weight.detach().float()
+    rows = report_rows(weight.shape[0], weight.device)
+    w, b = _float_rows(weight, bias, rows)
     device = w.device
-    b = torch.zeros(w.shape[0], device=device) if bias is None else bias.detach().float()
     delta = w.clone()
-    delta[:, torch.as_tensor(keep, device=device)] -= new_weight.to(device).float()
+    delta[:, torch.as_tensor(keep, device=device)] -= _rows(new_weight.to(device).float(), rows)
     changed = (delta != 0).any(0).nonzero().squeeze(1)
     total = output_energy(weight, bias, stats) if total is None else total
-    delta_b = b - new_bias.to(device).float()
+    delta_b = b - _rows(new_bias.to(device).float(), rows)
     return _energy(delta[:, changed], delta_b, stats, changed) / max(total, 1e-30)
 
 
 def output_energy(weight: torch.Tensor, bias: torch.Tensor | None, stats: ChannelStats) -> float:
-    """E_x ||W x + b||^2 from the Gram matrix and mean (float32, as relative_error)."""
-    w = weight.detach().float()
-    b = torch.zeros(w.shape[0], device=w.device) if bias is None else bias.detach().float()
+    """E_x ||W x + b||^2 over `report_rows`, from the Gram matrix and mean (float32)."""
+    w, b = _float_rows(weight, bias, report_rows(weight.shape[0], weight.device))
     return _energy(w, b, stats, None)
+
+
+def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return t if rows is None else t[rows]
+
+
+def _float_rows(weight, bias, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias (zeros when None) in float32, restricted to `rows`."""
+    w = _rows(weight.detach().float(), rows)
+    b = torch.zeros(w.shape[0], device=w.device) if bias is None else _rows(bias.detach(), rows)
+    return w, b.float()
 
 
 def _energy(m: torch.Tensor, c: torch.Tensor, stats: ChannelStats, cols) -> float:
@@ -133,5 +157,5 @@ def _energy(m: torch.Tensor, c: torch.Tensor, stats: ChannelStats, cols) -> floa
     gram, mu = stats.gram.to(m.device), stats.mean.to(m.device)
     if cols is not None and cols.numel() < gram.shape[0]:
         gram, mu = gram[cols][:, cols], mu[cols]
-    second, mu = gram.float() / stats.count, mu.float()  # E[x x^T]
-    return float(((m @ second) * m).sum() + 2 * c @ (m @ mu) + c @ c)
+    quad = ((m @ gram.float()) * m).sum() / stats.count  # tr(m E[x x^T] m^T), no n^2 copy
+    return float(quad + 2 * c @ (m @ mu.float()) + c @ c)

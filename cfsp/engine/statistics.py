@@ -84,8 +84,8 @@ class ChannelStats:
 
     @property
     def cov(self) -> torch.Tensor:
-        mean = self.mean
-        return self.gram / self.count - torch.outer(mean, mean)
+        mean = self.mean  # one n^2 result, no temporaries: gram / T - mean mean^T
+        return torch.addr(self.gram, mean, mean, beta=1 / self.count, alpha=-1)
 
 
 @dataclass

@@ -47,6 +47,7 @@ from pathlib import Path
 import torch
 
 from cfsp.config import PruneConfig
+from cfsp.devices import bound_host_heap
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.driver import (
     PruneReport,
@@ -362,6 +363,7 @@ def prune_streamed(
     from transformers import AutoConfig
 
     directory, out, device = Path(directory), Path(out), torch.device(device)
+    bound_host_heap()
     config = config if config is not None else AutoConfig.from_pretrained(directory)
     stream = open_stream(directory, config, dtype, device, batch_size)
     groups = outside_groups(stream)

@@ -11,7 +11,14 @@ The first pass (cfsp.engine.streamed) runs each dense block once and keeps two t
 The allocation reads only the first; the second pass reads one block file at a time, so
 nothing of size width^2 is held for more than one block, and a sweep over budgets or methods
 shares one capture. The Gram is accumulated in float32 (`GramMoments`: one fused addmm per
-batch, no float64 copy of a width^2 matrix) and read back as float64 for the solves.
+batch, no float64 copy of a width^2 matrix). A model run in bfloat16 hands bfloat16 activations:
+each batch's product X^T X is then taken in bfloat16 (exact inputs, float32 accumulation inside
+the GEMM, the [n, n] result rounded to bfloat16, ~2e-3 relative) and summed in float32. On these
+CPUs that product is ~3.7x faster than float32 (371 vs 99 GFLOP/s for a 1024 x 5632 batch),
+and it was 40% of the first pass. Measured on SmolLM2-135M in bfloat16, p = 0.3, 64 x 128
+botchan:train: WikiText-2 validation perplexity (80 windows) 87.3087 vs 87.3474 with float32
+products (kept channels are chosen from the float64 moments, so they are the same). The second
+pass reads the Grams back in `cfsp.devices.math_dtype` (float32 unless CFSP_MATH_DTYPE=float64).
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load, save
 
+from cfsp.devices import math_dtype
 from cfsp.engine.statistics import BlockStats, ChannelStats, finite_rows
 from cfsp.engine.streamed_stats import ChannelMoments
 from cfsp.errors import CfspError, UsageError
@@ -48,11 +56,15 @@ class GramMoments(ChannelStats):
         return cls(0, z, torch.zeros(n, n, dtype=torch.float32), z.clone())
 
     def add(self, x: torch.Tensor, gram_dtype: torch.dtype = torch.float32) -> None:
+        rows = x.reshape(-1, x.shape[-1])
         x = finite_rows(x, torch.float32)
         self.count += x.shape[0]
         self.sum += x.sum(0, dtype=torch.float64)
         self.sq += x.double().square().sum(0)
-        self.gram.addmm_(x.T, x)
+        if rows.dtype == torch.bfloat16:  # exact inputs; the product's rounding: see above
+            self.gram += (rows.T @ rows).float()
+        else:
+            self.gram.addmm_(x.T, x)
 
     @property
     def sq_norm(self) -> torch.Tensor:
@@ -86,22 +98,23 @@ def write_block(folder: Path, index: int, stats: BlockStats) -> str:
 def read_block(
     folder: Path, index: int, digest: str | None = None, device: torch.device | str = "cpu"
 ) -> BlockStats:
-    """One block's statistics with float64 Grams (what cfsp.engine.reconstruct solves with),
-    on `device`; with `digest`, the file must have that sha256."""
+    """One block's statistics on `device` in the math dtype (what cfsp.engine.reconstruct
+    solves with); with `digest`, the file must have that sha256."""
     path = block_file(folder, index)
     if not path.is_file():
         raise UsageError(f"{path} does not exist: the capture holds no statistics of block {index}")
     data = path.read_bytes()
     if digest is not None and hashlib.sha256(data).hexdigest() != digest:
         raise CfspError(f"{path} changed since the capture (its sha256 differs)")
+    dtype = math_dtype(device)
     try:
         meta = json.loads(_header_metadata(data)["cfsp"])
         tensors = load(data)
         parts = {
             name: ChannelStats(
                 int(meta[f"{name}_count"]),
-                tensors[f"{name}.sum"].to(device, torch.float64),
-                tensors[f"{name}.gram"].to(device, torch.float64),
+                tensors[f"{name}.sum"].to(device, dtype),
+                tensors[f"{name}.gram"].to(device, dtype),
             )
             for name in MODULES
         }
