@@ -13,7 +13,7 @@ CFSP_MATH_DTYPE=float64; the damping keeps the float32 system well conditioned: 
 eig / lambda); if the damped matrix is still not positive definite the damping grows tenfold until
 it is. The relative output error on calibration data,
   E = E_x ||(W x + b) - (W_S' x_S + b')||^2 / E_x ||W x + b||^2,
-is computed from the same statistics (`relative_error`; exact up to 512 output rows, above on 512
+is computed from the same statistics (`relative_error`; exact up to 256 output rows, above on 256
 evenly spaced rows: a report, and its full cost would exceed a 7B block's forward).
 Each method is one function (W [n_out, n] and b [n_out] in the math dtype, `ChannelStats`, kept S,
 pruned P) -> (W_S', b'), named in `cfsp.engine.registry.RECONSTRUCTIONS`.
@@ -96,7 +96,7 @@ def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.T
     return torch.cholesky_solve(rhs, damped_cholesky(a, damping))
 
 
-REPORT_ROWS = 512  # output rows the error report reads (all of them up to this many)
+REPORT_ROWS = 256  # output rows the error report reads (all of them up to this many)
 
 
 def report_rows(n_out: int, device) -> torch.Tensor | None:
@@ -121,7 +121,7 @@ def relative_error(
 
     A report, not a solve: the quadratic forms run in float32, over the input channels where the
     weights changed only (the unfolded slice changes the pruned ones alone), and over the output
-    rows of `report_rows` (exact up to 512 rows; above, the ratio on 512 evenly spaced rows).
+    rows of `report_rows` (exact up to 256 rows; above, the ratio on 256 evenly spaced rows).
     `total`: `output_energy` (same rows) when the caller has it.
     """
     rows = report_rows(weight.shape[0], weight.device)
