@@ -85,7 +85,7 @@ class TargetMoments:
         w, b = w.to(self.gram), b.to(self.gram)
         quad = ((w @ self.gram) * w).sum() - 2 * (w * self.cross).sum()
         lin = 2 * b @ (w @ self.x_sum) - 2 * b @ self.y_sum + self.count * (b @ b)
-        return float(self.y_sq + quad + lin) / max(self.y_sq, 1e-30)
+        return max(float(self.y_sq + quad + lin), 0.0) / max(self.y_sq, 1e-30)
 
 
 def refit(w: torch.Tensor, b: torch.Tensor, m: TargetMoments, method: str, damping: float):
@@ -152,23 +152,28 @@ def refit_block(adapter, block, plan: BlockPlan, cfg, head_dim: int, stream, mid
     the pruned stream `stream` ([h~ per batch], [kwargs per batch]) on through the refit block.
     The block's o_proj / down_proj carry a (zero) bias already. Returns the error row."""
     hiddens, kwargs_list = stream
-    dense_heads = adapter.parts(block).o.in_features // head_dim
+    dense = adapter.parts(block)
+    dense_heads, dense_width = dense.o.in_features // head_dim, dense.down.in_features
     apply_plan(adapter, block, plan, head_dim)
     parts = adapter.parts(block)
     row: dict = {}
-    if len(plan.heads) < dense_heads or REFIT_UNPRUNED:
-        moments = _collect(block, parts, parts.o, hiddens, kwargs_list, mids, None)
-        row.update(_apply(parts.o, moments, cfg, "o"))
-    else:
-        row.update(o_before=0.0, o_after=0.0)
-    moments = _collect(block, parts, parts.down, hiddens, kwargs_list, outs, parts.o)
-    row.update(_apply(parts.down, moments, cfg, "down"))
+    for name, pruned, goals, before in (
+        ("o", len(plan.heads) < dense_heads, mids, None),
+        ("down", len(plan.channels) < dense_width, outs, parts.o),
+    ):
+        module = parts.o if name == "o" else parts.down
+        if not (pruned or REFIT_UNPRUNED):
+            row.update({f"{name}_before": 0.0, f"{name}_after": 0.0})
+            continue
+        moments = _collect(block, module, hiddens, kwargs_list, goals, before)
+        row.update(_apply(module, moments, cfg, name))
+        del moments  # one module's Gram at a time
     for j, h in enumerate(hiddens):
         hiddens[j] = block_forward(block, h, kwargs_list[j])
     return row
 
 
-def _collect(block, parts, module, hiddens, kwargs_list, goals, before) -> TargetMoments:
+def _collect(block, module, hiddens, kwargs_list, goals, before) -> TargetMoments:
     """Moments of `module`'s inputs on the pruned stream and its targets goals[j] - h~_j
     (minus the output of `before`, the refit o_proj, when the goal lies past it)."""
     with torch.device(module.weight.device):
