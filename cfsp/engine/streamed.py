@@ -26,6 +26,8 @@ block's inputs through the pruned blocks (~2 F + Grams; the documented cost of t
 With stats=target (cfsp.engine.dense_target) pass 1 keeps the moments and writes each block's
 dense residual stream (after attention, after the block: 2 T d floats) to its own file instead
 of the Grams; pass 2 reads one block's file back and runs ~2.5 forwards of the pruned block.
+From a capture made earlier (the pipeline's, which holds Grams, not targets) pass 2 runs each
+dense block on a dense stream of its own before pruning it instead (+1 F, no disk).
 Nothing of size width^2 outlives a block; what crosses blocks is O(width) (scores, kept
 indices, biases flags) or on disk, read back one block at a time. The pipeline's stages are
 these passes run separately (cfsp.pipeline.stages: capture, allocate, prune / reconstruct).
@@ -51,7 +53,7 @@ import torch
 
 from cfsp.config import PruneConfig
 from cfsp.engine.capture import peak_rss_mib
-from cfsp.engine.dense_target import DenseRecorder, refit_block, target_stats
+from cfsp.engine.dense_target import DenseRecorder, dense_targets, refit_block, target_stats
 from cfsp.engine.driver import (
     PruneReport,
     _zero_bias,
@@ -335,19 +337,24 @@ class Spill:
 @torch.no_grad()
 def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first: int, spill):
     """Per block: load, read its statistics (or retake them: stats=sequential), prune +
-    reconstruct, write its shard, release."""
+    reconstruct, write its shard, release. stats=target reads the block's dense targets from
+    `spill`, or with `spill` None (a capture made without them: the pipeline's) runs the dense
+    block on a dense stream of its own first (+1 F, no disk)."""
     adapter, config = stream.adapter, stream.model.config
     stock = {role: adapter.has_bias(config, role) for role in ROLES}
     sequential, dense_target = sequential_stats(cfg), target_stats(cfg)
     walks = sequential or dense_target
     hiddens, kwargs_list = first_inputs(stream, ids) if walks else (None, None)
+    dense_walk = list(hiddens) if dense_target and spill is None else None
     errors, nonzero = [], {role: False for role in ROLES}
     for index, (block, plan) in enumerate(_bar(zip(stream.layers(), plans, strict=True), "pass 2")):
         t0 = time.perf_counter()
         prefix = stream.prefix(block)
         stream.load(block)
         stats = goals = None
-        if dense_target:
+        if dense_walk is not None:  # no targets file: the dense block runs here first
+            goals = dense_targets(block, stream.adapter.parts(block), dense_walk, kwargs_list)
+        elif dense_target:
             goals = read_targets(spill.folder, index, hiddens, stream.device)
         elif not sequential:
             stats = read_block(spill.folder, index, spill.digests[index], stream.device)
@@ -457,7 +464,7 @@ class Captured:
     it: what the pipeline's prune / reconstruct stages hand prune_streamed."""
 
     plan: PrunePlan
-    spill: Spill | None  # None with stats=sequential (pass 2 retakes them)
+    spill: Spill | None  # None with stats=sequential / target (pass 2 retakes them)
 
 
 def _passes(cfg: PruneConfig) -> str:
