@@ -212,3 +212,21 @@ def test_stage_functions_chain_with_target_statistics(tiny_project, monkeypatch)
     assert rebuilt["prune"]["config"]["stats"] == "target"
     errors = rebuilt["prune"]["reconstruction_error"]
     assert all(e["down_after"] <= e["down_before"] + 1e-9 for e in errors)
+
+
+def test_cli_refuses_target_on_gemma3_with_one_error_line(tmp_path, tiny_tokenizer, capsys):
+    """`cfsp prune --stats target` on a Gemma 3 model: exit 2, one `error:` line, no output."""
+    from cfsp.cli import main
+    from tests.conftest import TEXT
+
+    src, out = tmp_path / "gemma", tmp_path / "out"
+    tiny_model("gemma3-kv1").save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    (tmp_path / "text.txt").write_text(TEXT)
+    args = ["prune", "--model", src, "--calib", f"file:{tmp_path / 'text.txt'}", "--nsamples", "4"]
+    code = main([str(a) for a in [*args, "--seqlen", "16", "--out", out, "--stats", "target"]])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and "Traceback" not in err
+    assert len(errors) == 1 and "added straight to the residual stream" in errors[0]
+    assert not out.exists()
