@@ -42,6 +42,22 @@ def test_refit_is_the_liar_fold_when_the_target_is_the_modules_own_output():
     assert moments.residual_error(got_w, got_b) < moments.residual_error(w[:, keep], b)
 
 
+def test_token_weights_act_as_repeated_tokens():
+    """Moments with integer token weights equal the moments of the tokens repeated."""
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(30, 6, generator=gen), torch.randn(30, 4, generator=gen)
+    weight = torch.randint(1, 4, (30,), generator=gen)
+    weighted, repeated = TargetMoments.empty(6, 4), TargetMoments.empty(6, 4)
+    weighted.add(x, y, weight.float())
+    repeated.add(x.repeat_interleave(weight, 0), y.repeat_interleave(weight, 0))
+    assert weighted.count == repeated.count == int(weight.sum())
+    for name in ("x_sum", "gram", "y_sum", "cross"):
+        torch.testing.assert_close(
+            getattr(weighted, name), getattr(repeated, name), rtol=1e-5, atol=1e-5
+        )
+    assert weighted.y_sq == pytest.approx(repeated.y_sq, rel=1e-9)
+
+
 @torch.no_grad()
 def _block_outputs(model, windows) -> list[torch.Tensor]:
     target = Target.of(model)

@@ -41,6 +41,7 @@ from cfsp.engine.stream import block_forward
 from cfsp.errors import UsageError
 
 REFIT_UNPRUNED = True  # refit o_proj also when no head was pruned (measured: README)
+TOKEN_WEIGHTED = False  # weight token t by 1 / mean(goal_t^2) (measured: README)
 ADDITIVE_RTOL = 1e-3  # h_out vs h_in + y_o + y_d, relative to ||h_out|| (float32 rounding)
 
 
@@ -56,9 +57,10 @@ def target_stats(cfg) -> bool:
 
 @dataclass
 class TargetMoments:
-    """Moments of one module's pruned inputs x~ [T, n] and its targets y* [T, m]."""
+    """Moments of one module's pruned inputs x~ [T, n] and its targets y* [T, m], each token
+    weighted by a_t (1 unless given): count = sum a_t, x_sum = sum a_t x_t, ..."""
 
-    count: int
+    count: float
     x_sum: torch.Tensor  # [n]
     gram: torch.Tensor  # [n, n]  sum x x^T
     y_sum: torch.Tensor  # [m]
@@ -71,14 +73,17 @@ class TargetMoments:
         z = torch.zeros
         return cls(0, z(n, dtype=d), z(n, n, dtype=d), z(m, dtype=d), z(m, n, dtype=d), 0.0)
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         x, y = finite_rows(x, torch.float32), finite_rows(y, torch.float32)
-        self.count += x.shape[0]
-        self.x_sum += x.sum(0, dtype=self.x_sum.dtype)
-        self.y_sum += y.sum(0, dtype=self.y_sum.dtype)
-        self.gram += (x.T @ x).to(self.gram.dtype)
-        self.cross += (y.T @ x).to(self.cross.dtype)
-        self.y_sq += float(y.double().square().sum())
+        a = torch.ones(x.shape[0], device=x.device) if weight is None else weight.reshape(-1)
+        a = a.to(x.device, torch.float32)
+        ax = x * a[:, None]
+        self.count += float(a.sum(dtype=torch.float64))
+        self.x_sum += ax.sum(0, dtype=self.x_sum.dtype)
+        self.y_sum += (y * a[:, None]).sum(0, dtype=self.y_sum.dtype)
+        self.gram += (ax.T @ x).to(self.gram.dtype)
+        self.cross += (y.T @ ax).to(self.cross.dtype)
+        self.y_sq += float((y.double().square().sum(1) * a.double()).sum())
 
     def residual_error(self, w: torch.Tensor, b: torch.Tensor) -> float:
         """E ||y* - (W x~ + b)||^2 / E ||y*||^2, exactly from the moments (float64)."""
@@ -188,7 +193,7 @@ def _collect(block, module, hiddens, kwargs_list, goals, before) -> TargetMoment
         y = goals[j] - hiddens[j]
         if before is not None:
             y = y - seen["before"]
-        moments.add(args[0], y)
+        moments.add(args[0], y, _token_weights(goals[j]) if TOKEN_WEIGHTED else None)
         raise _Stop
 
     handles = [module.register_forward_pre_hook(take)]
@@ -203,6 +208,12 @@ def _collect(block, module, hiddens, kwargs_list, goals, before) -> TargetMoment
         for handle in handles:
             handle.remove()
     return moments
+
+
+def _token_weights(goal: torch.Tensor) -> torch.Tensor:
+    """1 / mean_k goal_tk^2 per token: the stream feeds an RMSNorm, so what matters is the
+    error relative to the token's own scale, not tokens of huge norm (the first position)."""
+    return 1.0 / goal.float().square().mean(-1).clamp_min(1e-12)
 
 
 def _apply(module, moments: TargetMoments, cfg, name: str) -> dict:
