@@ -19,8 +19,11 @@ slicing, freed after the module) and the cross-moment sum_t y*_t x~_t^T [d, |S|]
 The targets are additive: they hold only if o_proj's and down_proj's outputs are added straight
 to the residual stream (LLaMA, Qwen, Mistral, Phi-3). The dense walk checks h_out = h_in + y_o +
 y_d on every block and refuses models that normalise those outputs first (Gemma 3).
-A module with nothing pruned (o_proj when structures=ffn) is refit too when `REFIT_UNPRUNED`
-(its S is every input): that is what lets attention correct the stream as well.
+A module with nothing pruned (o_proj when structures=ffn) is left as it is unless
+`REFIT_UNPRUNED` (then its S is every input and attention corrects the stream as well): on
+SmolLM2 that refit made WikiText-2 validation worse (README, "Dense-target statistics").
+`TOKEN_WEIGHTED` weights each token by 1 / mean(goal_t^2) (the stream feeds RMSNorms, which
+see errors relative to the token's scale); off by default, measured in the same place.
 Pruned-stream forwards per block: attention only (o_proj stats), up to down_proj (its stats),
 then the whole refit block (the next block's inputs).
 """
@@ -40,7 +43,7 @@ from cfsp.engine.statistics import finite_rows
 from cfsp.engine.stream import block_forward
 from cfsp.errors import UsageError
 
-REFIT_UNPRUNED = True  # refit o_proj also when no head was pruned (measured: README)
+REFIT_UNPRUNED = False  # refit o_proj also when no head was pruned (measured: README)
 TOKEN_WEIGHTED = False  # weight token t by 1 / mean(goal_t^2) (measured: README)
 ADDITIVE_RTOL = 1e-3  # h_out vs h_in + y_o + y_d, relative to ||h_out|| (float32 rounding)
 
