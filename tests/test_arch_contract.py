@@ -69,6 +69,7 @@ def test_unsupported_architecture_names_supported():
         assert name in str(err.value)
 
 
+
 def _first_block_inputs(model, ids):
     """Inputs of block 0's o_proj and down_proj, [T, n] each, in one plain forward."""
     adapter = adapter_for(model)
