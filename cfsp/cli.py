@@ -610,8 +610,6 @@ def _stage_params(path: Path, device: str | None):
     if device is None:
         return _params(path)
     return _params(path, [f"device={_check_device(device)}"])
-
-
 MethodOpt = Annotated[str, typer.Option(help="Method variant, e.g. cfsp or flap+reconstruct=liar.")]
 
 
