@@ -263,7 +263,8 @@ def prune_cmd(
     stats: Annotated[
         str,
         typer.Option(
-            help="Reconstruction statistics: dense (one pass) or sequential (second pass)."
+            help="Reconstruction statistics: dense (one pass), sequential (second pass) "
+            "or target (second pass, refit towards the dense model's residual stream)."
         ),
     ] = "dense",
     dtype: DtypeOpt = "float32",

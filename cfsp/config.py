@@ -71,7 +71,7 @@ class AllocateConfig(Strict):
 
 class ReconstructConfig(Strict):
     damping: float = Field(0.01, gt=0)
-    stats: Literal["dense", "sequential"] = "dense"
+    stats: Literal["dense", "sequential", "target"] = "dense"
 
 
 class PruneConfig(AllocateConfig, ReconstructConfig):

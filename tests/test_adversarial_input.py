@@ -219,7 +219,7 @@ def test_stage_output_that_is_someones_folder(proj, tmp_path, capsys):
         (["--temperature", "nan"], "temperature: Input should be a finite number"),
         (["--temperature", "0"], "temperature: Input should be greater than 0"),
         (["--round-to", "3"], "round_to: Input should be 1, 8, 64 or 128"),
-        (["--stats", "magic"], "stats: Input should be 'dense' or 'sequential'"),
+        (["--stats", "magic"], "stats: Input should be 'dense', 'sequential' or 'target'"),
         (["--method", ""], "unknown method ''"),
         (["--dtype", ""], "unknown dtype ''"),
     ],

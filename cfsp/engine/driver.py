@@ -7,7 +7,8 @@ plan   fine scores per block (criterion) -> coarse counts per block (allocation)
 prune  for each block: fold the pruned inputs of o_proj / down_proj into the kept ones
        (reconstruction, reconstruct.py), then slice (slicing.py). With sequential statistics
        each block's statistics are retaken on the outputs of the already-pruned blocks before
-       it, by the one block loop (stream.py).
+       it, by the one block loop (stream.py); with dense-target statistics each block is refit
+       towards the dense model's residual stream (dense_target.py).
 The model is resolved once (`Target`: adapter, blocks, dense geometry) and passed down.
 """
 
@@ -26,6 +27,7 @@ from cfsp.data import TokenWindows
 from cfsp.devices import math_dtype
 from cfsp.engine.allocate import achieved_fraction, check_budget
 from cfsp.engine.capture import peak_rss_mib
+from cfsp.engine.dense_target import dense_targets, refit_block, target_stats
 from cfsp.engine.importance import fine_scores
 from cfsp.engine.plan import BlockCounts, BlockPlan, Geometry, PrunePlan
 from cfsp.engine.reconstruct import fold, output_energy, relative_error
@@ -33,7 +35,7 @@ from cfsp.engine.registry import ALLOCATIONS, ERROR_SELECTED
 from cfsp.engine.select_obs import select_block
 from cfsp.engine.slicing import apply_plan, select, update_config
 from cfsp.engine.statistics import BlockStats, Statistics
-from cfsp.engine.stream import BlockStream
+from cfsp.engine.stream import BlockStream, first_block_inputs, run_block
 from cfsp.engine.target import Target, target_of
 from cfsp.errors import UsageError
 
@@ -251,7 +253,8 @@ def prune_model(
 
     `plan` defaults to `plan_pruning(...)`. `cfg.stats == "sequential"` recomputes each block's
     statistics on the outputs of the already-pruned blocks before it (a second pass over
-    `windows`); "dense" uses `stats`.
+    `windows`); "target" also walks the dense stream and refits each block towards it
+    (cfsp.engine.dense_target); "dense" uses `stats`.
     """
     target = target_of(model_or_target)
     t0 = time.perf_counter()
@@ -264,13 +267,10 @@ def prune_model(
     t_plan = time.perf_counter()
     stock_bias = enable_biases(target) if cfg.reconstruct != "none" else None
     errors = []
-    for index, block, block_stats in _blocks_with_stats(target, stats, cfg, windows, batch_size):
+    for index, _block, prune in _block_pruners(target, stats, cfg, windows, batch_size):
         tb = time.perf_counter()
         block_plan = plan.blocks[index]
-        row = {
-            "block": index,
-            **prune_block(target.adapter, block, block_plan, block_stats, cfg, before.head_dim),
-        }
+        row = {"block": index, **prune(block_plan)}
         errors.append(row)
         _log_block(
             index, plan.keep_ratios[index], block_plan, before, row, time.perf_counter() - tb
@@ -301,6 +301,49 @@ def prune_report(
         errors=errors,
         timings={k: round(v, 3) for k, v in timings.items()},
     )
+
+
+def _block_pruners(target: Target, stats: Statistics, cfg: PruneConfig, windows, batch_size):
+    """(index, block, prune(plan) -> error row) for every block: `prune_block` on the block's
+    statistics, or, with stats=target, the dense-target refit (`_dense_target_walk`)."""
+    head_dim = target.geometry.head_dim
+    if target_stats(cfg):
+        yield from _dense_target_walk(target, cfg, windows, batch_size)
+        return
+    for index, block, block_stats in _blocks_with_stats(target, stats, cfg, windows, batch_size):
+
+        def prune(plan: BlockPlan, block=block, block_stats=block_stats) -> dict:
+            return prune_block(target.adapter, block, plan, block_stats, cfg, head_dim)
+
+        yield index, block, prune
+
+
+def _dense_target_walk(target: Target, cfg: PruneConfig, windows, batch_size):
+    """Walk the dense stream and the pruned stream side by side (one model: each block is run
+    dense for its targets h_mid / h_out before it is pruned), cfsp.engine.dense_target."""
+    if windows is None:
+        raise UsageError("dense-target statistics need the calibration windows")
+    dense, kwargs = first_block_inputs(target, windows.ids, batch_size)
+    pruned = list(dense)
+    head_dim = target.geometry.head_dim
+    for index, block in enumerate(target.layers):
+        parts = target.adapter.parts(block)
+        mids, outs = dense_targets(block, parts, dense, kwargs)
+
+        def prune(plan: BlockPlan, block=block, mids=mids, outs=outs) -> dict:
+            choose_on_stream(target.adapter, block, plan, cfg, head_dim, pruned, kwargs)
+            stream = (pruned, kwargs)
+            return refit_block(target.adapter, block, plan, cfg, head_dim, stream, mids, outs)
+
+        yield index, block, prune
+
+
+def choose_on_stream(adapter, block, plan: BlockPlan, cfg: PruneConfig, head_dim, hiddens, kw):
+    """`choose_kept` from Grams taken on the pruned stream `hiddens` (stats=target), only for
+    an error-selected criterion (the others keep the plan's set; no forward then)."""
+    if cfg.criterion in ERROR_SELECTED:
+        stats = run_block(block, adapter.parts(block), hiddens, kw, advance=False)
+        choose_kept(adapter, block, plan, stats, cfg, head_dim)
 
 
 def _blocks_with_stats(target: Target, stats: Statistics, cfg: PruneConfig, windows, batch_size):

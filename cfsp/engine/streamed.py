@@ -23,6 +23,11 @@ So ~1 F + one Gram per module + the solves, as the in-memory engine; the spill c
 the Llama-2-7B shape ~0.5 GB per block, fp32) and its I/O. With stats=sequential the Grams must
 be taken on the pruned model's activations: pass 1 keeps the moments only and pass 2 runs each
 block's inputs through the pruned blocks (~2 F + Grams; the documented cost of that option).
+With stats=target (cfsp.engine.dense_target) pass 1 keeps the moments and writes each block's
+dense residual stream (after attention, after the block: 2 T d floats) to its own file instead
+of the Grams; pass 2 reads one block's file back and runs ~2.5 forwards of the pruned block.
+From a capture made earlier (the pipeline's, which holds Grams, not targets) pass 2 runs each
+dense block on a dense stream of its own before pruning it instead (+1 F, no disk).
 Nothing of size width^2 outlives a block; what crosses blocks is O(width) (scores, kept
 indices, biases flags) or on disk, read back one block at a time. The pipeline's stages are
 these passes run separately (cfsp.pipeline.stages: capture, allocate, prune / reconstruct).
@@ -49,9 +54,11 @@ import torch
 from cfsp.config import PruneConfig
 from cfsp.devices import bound_host_heap
 from cfsp.engine.capture import peak_rss_mib
+from cfsp.engine.dense_target import DenseRecorder, dense_targets, refit_block, target_stats
 from cfsp.engine.driver import (
     PruneReport,
     _zero_bias,
+    choose_on_stream,
     plan_from_scores,
     prune_block,
     prune_report,
@@ -71,7 +78,13 @@ from cfsp.engine.streamed_layout import (
     rewrite_blocks,
     write_outside,
 )
-from cfsp.engine.streamed_spill import GramMoments, read_block, write_block
+from cfsp.engine.streamed_spill import (
+    GramMoments,
+    read_block,
+    read_targets,
+    write_block,
+    write_targets,
+)
 from cfsp.engine.streamed_stats import ChannelMoments, Meter, block_moments
 from cfsp.engine.streamed_weights import (
     CheckpointReader,
@@ -91,6 +104,10 @@ from cfsp.models import _LOAD_LOCK
 log = logging.getLogger(__name__)
 PASSES_DENSE = "pass 1: forward, moments + Grams spilled per block; plan; pass 2: read, fold, write"
 PASSES_SEQUENTIAL = "pass 1: forward, moments; plan; pass 2: forward on pruned inputs, Grams, fold"
+PASSES_TARGET = (
+    "pass 1: forward, moments + dense residual stream per block; plan; "
+    "pass 2: forwards on pruned inputs, refit towards the dense stream"
+)
 
 
 @dataclass
@@ -199,11 +216,13 @@ def _bar(blocks, desc: str):
     return tqdm(blocks, desc=desc, total=len(blocks), disable=None, unit="block")
 
 
-def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None):
+def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None, targets=None):
     """Run every dense block once: its angular distance and O(width) moments; with `spill`,
     also its Gram matrices, written to `spill` (one file per block) as soon as the block is
-    done. `score(index, parts, stats)` runs while the block's weights are loaded (fine scores).
-    Returns (per-block moments as BlockStats, the block files' sha256, the scores)."""
+    done; with `targets` (a folder), its dense residual stream after attention and after the
+    block (stats=target). `score(index, parts, stats)` runs while the block's weights are
+    loaded (fine scores). Returns (per-block moments as BlockStats, the block files' sha256,
+    the scores)."""
     hiddens, kwargs_list = first_inputs(stream, ids)
     empty = GramMoments.empty if spill is not None else ChannelMoments.empty
     blocks, digests, scores = [], [], []
@@ -211,7 +230,12 @@ def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None):
         t0 = time.perf_counter()
         stream.load(block)
         parts = stream.adapter.parts(block)
-        stats = block_moments(block, parts, hiddens, kwargs_list, stream.device, empty)
+        if targets is None:
+            stats = block_moments(block, parts, hiddens, kwargs_list, stream.device, empty)
+        else:
+            stats = _moments_and_targets(
+                stream, block, parts, (hiddens, kwargs_list), targets, index
+            )
         if score is not None:
             scores.append(score(index, parts, stats))
         release(block)
@@ -226,6 +250,19 @@ def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None):
             "stream pass 1 block %2d: angular %.4f  %s", index, stats.angular, Meter.describe(row)
         )
     return blocks, digests, scores
+
+
+def _moments_and_targets(stream: Stream, block, parts, walk, folder: Path, index: int):
+    """block_moments (O(width) moments) of the dense block, plus its dense targets h_mid /
+    h_out written to `folder` (stats=target)."""
+    hiddens, kwargs_list = walk
+    recorder, inputs = DenseRecorder(parts), list(hiddens)
+    try:
+        stats = block_moments(block, parts, hiddens, kwargs_list, stream.device)
+    finally:
+        recorder.close()
+    write_targets(folder, index, *recorder.targets(inputs, hiddens))
+    return stats
 
 
 def scorer(stream: Stream, cfg: PruneConfig):
@@ -264,18 +301,25 @@ def sequential_stats(cfg: PruneConfig) -> bool:
     return cfg.stats == "sequential" and cfg.reconstruct != "none"
 
 
-def prune_one(stream: Stream, block, plan: BlockPlan, cfg: PruneConfig, stats, hiddens, kwargs):
+def prune_one(
+    stream: Stream, block, plan: BlockPlan, cfg: PruneConfig, stats, hiddens, kwargs, goals=None
+):
     """Fold and slice of one loaded block (driver.prune_model's loop body), from its captured
     statistics `stats`, or with stats=sequential from its inputs `hiddens` (the pruned
-    blocks' outputs), which then move on through the pruned block."""
+    blocks' outputs), which then move on through the pruned block; with stats=target, refit
+    towards `goals` (the dense ([h_mid], [h_out]) of the block)."""
     adapter = stream.adapter
+    head_dim = stream.target.geometry.head_dim
     if cfg.reconstruct != "none":
         parts = adapter.parts(block)
         _zero_bias(parts.o)
         _zero_bias(parts.down)
+    if goals is not None:
+        choose_on_stream(adapter, block, plan, cfg, head_dim, hiddens, kwargs)
+        return refit_block(adapter, block, plan, cfg, head_dim, (hiddens, kwargs), *goals)
     if stats is None:
         stats = run_block(block, adapter.parts(block), hiddens, kwargs, advance=False)
-    row = prune_block(adapter, block, plan, stats, cfg, stream.target.geometry.head_dim)
+    row = prune_block(adapter, block, plan, stats, cfg, head_dim)
     del stats  # this block's Gram matrices
     if hiddens is not None:
         for j, h in enumerate(hiddens):
@@ -294,23 +338,32 @@ class Spill:
 @torch.no_grad()
 def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first: int, spill):
     """Per block: load, read its statistics (or retake them: stats=sequential), prune +
-    reconstruct, write its shard, release."""
+    reconstruct, write its shard, release. stats=target reads the block's dense targets from
+    `spill`, or with `spill` None (a capture made without them: the pipeline's) runs the dense
+    block on a dense stream of its own first (+1 F, no disk)."""
     adapter, config = stream.adapter, stream.model.config
     stock = {role: adapter.has_bias(config, role) for role in ROLES}
-    sequential = sequential_stats(cfg)
-    hiddens, kwargs_list = first_inputs(stream, ids) if sequential else (None, None)
+    sequential, dense_target = sequential_stats(cfg), target_stats(cfg)
+    walks = sequential or dense_target
+    hiddens, kwargs_list = first_inputs(stream, ids) if walks else (None, None)
+    dense_walk = list(hiddens) if dense_target and spill is None else None
     errors, nonzero = [], {role: False for role in ROLES}
     for index, (block, plan) in enumerate(_bar(zip(stream.layers(), plans, strict=True), "pass 2")):
         t0 = time.perf_counter()
         prefix = stream.prefix(block)
         stream.load(block)
-        stats = None
-        if not sequential:
+        stats = goals = None
+        if dense_walk is not None:  # no targets file: the dense block runs here first
+            goals = dense_targets(block, stream.adapter.parts(block), dense_walk, kwargs_list)
+        elif dense_target:
+            goals = read_targets(spill.folder, index, hiddens, stream.device)
+        elif not sequential:
             stats = read_block(spill.folder, index, spill.digests[index], stream.device)
         # factories inside cfsp's functions on the device; the lock: slicing creates modules
         # and parameters, which must not meet another thread's skeleton build (empty_model)
         with _LOAD_LOCK, torch.device(stream.device):
-            row = prune_one(stream, block, plan, cfg, stats, hiddens, kwargs_list)
+            row = prune_one(stream, block, plan, cfg, stats, hiddens, kwargs_list, goals)
+        del goals
         row = {"block": index, **row}
         for role, value in nonzero_biases(adapter, block, stock, cfg).items():
             nonzero[role] |= value
@@ -373,11 +426,14 @@ def prune_streamed(
     with tempfile.TemporaryDirectory(prefix="cfsp-stats-") as scratch:
         t0 = time.perf_counter()
         if captured is None:
-            folder = None if sequential_stats(cfg) else Path(scratch)
-            blocks, digests, scores = pass_one(stream, ids, folder, scorer(stream, cfg))
+            grams = not (sequential_stats(cfg) or target_stats(cfg))
+            targets = Path(scratch) if target_stats(cfg) else None
+            blocks, digests, scores = pass_one(
+                stream, ids, Path(scratch) if grams else None, scorer(stream, cfg), targets
+            )
             angular = torch.tensor([b.angular for b in blocks], dtype=torch.float64)
             allocation = plan_from_scores(geo, angular, scores, cfg)
-            spill = Spill(folder, [None] * len(blocks))  # our own files: not hashed again
+            spill = Spill(Path(scratch), [None] * len(blocks))  # our own files: not hashed
         else:
             allocation, spill = captured.plan, captured.spill
         t1 = time.perf_counter()
@@ -410,14 +466,20 @@ class Captured:
     it: what the pipeline's prune / reconstruct stages hand prune_streamed."""
 
     plan: PrunePlan
-    spill: Spill | None  # None with stats=sequential (pass 2 retakes them)
+    spill: Spill | None  # None with stats=sequential / target (pass 2 retakes them)
+
+
+def _passes(cfg: PruneConfig) -> str:
+    if target_stats(cfg):
+        return PASSES_TARGET
+    return PASSES_SEQUENTIAL if sequential_stats(cfg) else PASSES_DENSE
 
 
 def _summary(stream: Stream, timings: dict, cfg: PruneConfig) -> dict:
     """Per-block time and peak memory rows, and the totals, for the manifest."""
     summary = {
         "device": str(stream.device),
-        "passes": PASSES_SEQUENTIAL if sequential_stats(cfg) else PASSES_DENSE,
+        "passes": _passes(cfg),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "peak_rss_mib": round(peak_rss_mib(), 1),
         "blocks": stream.rows,

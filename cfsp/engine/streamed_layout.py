@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from cfsp.config import PruneConfig
+from cfsp.engine import dense_target
 from cfsp.engine.driver import enable_biases, settle_biases
 from cfsp.engine.plan import BlockPlan
 from cfsp.engine.slicing import apply_plan, update_config
@@ -37,9 +38,10 @@ def predicted_biases(model, plans: list[BlockPlan], cfg: PruneConfig) -> dict[st
     adapter, geo = target.adapter, target.geometry
     if cfg.reconstruct == "none":
         return {role: False for role in ROLES}
-    pruned = {
-        "o": any(len(p.heads) < geo.num_heads for p in plans),
-        "mlp": any(len(p.channels) < geo.intermediate for p in plans),
+    refit_all = dense_target.target_stats(cfg) and dense_target.REFIT_UNPRUNED
+    pruned = {  # stats=target may refit a module that lost no input, towards the dense stream
+        "o": refit_all or any(len(p.heads) < geo.num_heads for p in plans),
+        "mlp": refit_all or any(len(p.channels) < geo.intermediate for p in plans),
     }
     return {role: pruned[role] and not adapter.has_bias(model.config, role) for role in ROLES}
 

@@ -8,6 +8,9 @@ The first pass (cfsp.engine.streamed) runs each dense block once and keeps two t
                                whole folder (the pipeline's content hash).
   grams/block-NNNNN.safetensors  one block's Gram matrices X^T X of the o_proj and down_proj
                                inputs (float32, plus the sums), written when the block is done.
+  targets/block-NNNNN.safetensors  with stats=target instead of the Grams: the dense residual
+                               stream after the block's attention (`mid`) and after the block
+                               (`out`), [N, L, d] each (cfsp.engine.dense_target), O(T d).
 The allocation reads only the first; the second pass reads one block file at a time, so
 nothing of size width^2 is held for more than one block, and a sweep over budgets or methods
 shares one capture. The Gram is accumulated in float32 (`GramMoments`: one fused addmm per
@@ -40,6 +43,7 @@ from cfsp.io import atomic_file, save_safetensors
 
 MOMENTS = "moments.safetensors"
 GRAMS = "grams"
+TARGETS = "targets"
 MODULES = ("o", "down")
 
 
@@ -121,6 +125,25 @@ def read_block(
     except (KeyError, TypeError, ValueError, SafetensorError) as err:
         raise CfspError(f"{path} is not a block statistics file ({_what(err)})") from err
     return BlockStats(float(meta["angular"]), int(meta["tokens"]), parts["o"], parts["down"])
+
+
+def write_targets(folder: Path, index: int, mids: list, outs: list) -> None:
+    """One block's dense targets (per-batch [B, L, d] lists, concatenated) to its own file."""
+    path = Path(folder) / TARGETS / f"block-{index:05d}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {"mid": torch.cat(mids).cpu().contiguous(), "out": torch.cat(outs).cpu().contiguous()}
+    with atomic_file(path) as tmp:
+        save_safetensors(tensors, str(tmp))
+
+
+def read_targets(folder: Path, index: int, batches: list, device) -> tuple[list, list]:
+    """One block's dense targets split like `batches` (the pruned stream's [B, L, d] list)."""
+    path = Path(folder) / TARGETS / f"block-{index:05d}.safetensors"
+    if not path.is_file():
+        raise UsageError(f"{path} does not exist: the capture holds no targets of block {index}")
+    tensors = load(path.read_bytes())
+    sizes = [h.shape[0] for h in batches]
+    return tuple([t.to(device) for t in torch.split(tensors[key], sizes)] for key in ("mid", "out"))
 
 
 def _header_metadata(data: bytes) -> dict:

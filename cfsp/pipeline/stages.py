@@ -217,9 +217,11 @@ def _slice(
 ) -> dict:
     """The streamed engine's pass 2 from a capture and an allocation: each block read,
     folded from its own statistics file (or, stats=sequential, from a forward over `tokens`
-    through the pruned blocks), and written; then tokenizer, card and manifest."""
+    through the pruned blocks; stats=target, also through the dense block first), and
+    written; then tokenizer, card and manifest."""
     from transformers import AutoTokenizer
 
+    from cfsp.engine.dense_target import target_stats
     from cfsp.engine.streamed import Captured, Spill, prune_streamed, sequential_stats
     from cfsp.engine.streamed_weights import consolidate
     from cfsp.export import MAX_SHARD_SIZE
@@ -232,7 +234,7 @@ def _slice(
     windows = _load_tokens(tokens) if tokens is not None else None
     path, revision, config = _source(model_spec)
     spill = None
-    if not sequential_stats(cfg):
+    if not (sequential_stats(cfg) or target_stats(cfg)):
         spill = Spill(folder, check_grams(folder, meta, len(blocks)))
     skeleton_params = _dense_params(config, dtype)
     start = time.perf_counter()
@@ -313,7 +315,7 @@ def reconstruct_stage(
         cfg,
         out,
         dtype,
-        tokens if cfg.stats == "sequential" else None,
+        tokens if cfg.stats in ("sequential", "target") else None,
         device,
     )
 
