@@ -22,6 +22,13 @@ from tests.conftest import random_windows, tiny_model
 from tests.test_streaming import BATCH, _assert_same, _in_memory
 
 
+@pytest.fixture(autouse=True)
+def _float64_math(monkeypatch):
+    """The refit's algebra is checked to 1e-5: float64 math (cfsp's default is float32, whose
+    agreement with float64 on real models is tests/test_devices.py's concern)."""
+    monkeypatch.setenv("CFSP_MATH_DTYPE", "float64")
+
+
 def test_refit_is_the_liar_fold_when_the_target_is_the_modules_own_output():
     """y* = W x + b (no upstream error): the anchored ridge refit equals LIAR's fold."""
     gen = torch.Generator().manual_seed(0)
