@@ -15,10 +15,12 @@ The allocation reads only the first; the second pass reads one block file at a t
 nothing of size width^2 is held for more than one block, and a sweep over budgets or methods
 shares one capture. The Gram is accumulated in float32 (`GramMoments`: one fused addmm per
 batch, no float64 copy of a width^2 matrix). A model run in bfloat16 hands bfloat16 activations:
-each batch's product X^T X is then taken in bfloat16 (exact inputs, float32 accumulation inside
-the GEMM, the [n, n] result rounded to bfloat16, ~2e-3 relative) and summed in float32. On these
-CPUs that product is ~3.7x faster than float32 (371 vs 99 GFLOP/s for a 1024 x 5632 batch),
-and it was 40% of the first pass. Measured on SmolLM2-135M in bfloat16, p = 0.3, 64 x 128
+the block's rows are kept (T x n, one block's activations) and X^T X is one bfloat16 GEMM over
+all T tokens when the block is done (exact inputs, float32 accumulation inside the GEMM, the
+[n, n] result rounded once to bfloat16, ~2e-3 relative). On these CPUs that product is ~3.7x
+faster than float32 (371 vs 99 GFLOP/s for a 1024 x 5632 batch), and the per-batch float32
+products were 40% of the first pass; one GEMM instead of one per batch also saves the n^2
+conversions and additions of every batch. Measured on SmolLM2-135M in bfloat16, p = 0.3, 64 x 128
 botchan:train: WikiText-2 validation perplexity (80 windows) 87.3087 vs 87.3474 with float32
 products (kept channels are chosen from the float64 moments, so they are the same). The second
 pass reads the Grams back in `cfsp.devices.math_dtype` (float32 unless CFSP_MATH_DTYPE=float64).
@@ -28,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -49,9 +51,14 @@ MODULES = ("o", "down")
 
 @dataclass
 class GramMoments(ChannelStats):
-    """count, sum [n] and sum of squares [n] (float64) and the float32 Gram [n, n]."""
+    """count, sum [n] and sum of squares [n] (float64) and the float32 Gram [n, n].
+
+    bfloat16 activations are kept (the block's [T, n] rows, one block's worth) and their Gram
+    is one bfloat16 GEMM over all T tokens at `finish` (float32 accumulation inside, one
+    rounding); float32 ones are added batch by batch. `gram` is complete after `finish`."""
 
     sq: torch.Tensor | None = None
+    pending: list = field(default_factory=list)
 
     @classmethod
     def empty(cls, n: int) -> GramMoments:
@@ -66,9 +73,16 @@ class GramMoments(ChannelStats):
         self.sum += x.sum(0, dtype=torch.float64)
         self.sq += x.double().square().sum(0)
         if rows.dtype == torch.bfloat16:  # exact inputs; the product's rounding: see above
-            self.gram += (rows.T @ rows).float()
+            self.pending.append(rows)
         else:
             self.gram.addmm_(x.T, x)
+
+    def finish(self) -> None:
+        """Take the Gram of the kept bfloat16 rows (one GEMM) and free them."""
+        if self.pending:
+            rows = torch.cat(self.pending)
+            self.pending.clear()
+            self.gram += (rows.T @ rows).float()
 
     @property
     def sq_norm(self) -> torch.Tensor:
@@ -90,6 +104,7 @@ def write_block(folder: Path, index: int, stats: BlockStats) -> str:
     tensors, meta = {}, {"angular": stats.angular, "tokens": stats.tokens}
     for name in MODULES:
         st = getattr(stats, name)
+        st.finish()
         tensors[f"{name}.sum"] = st.sum.cpu().contiguous()
         tensors[f"{name}.gram"] = st.gram.to("cpu", torch.float32).contiguous()
         meta[f"{name}_count"] = st.count
