@@ -40,10 +40,16 @@ def test_capture_matches_a_plain_forward(tiny):
     for i, block in enumerate(stats.blocks):
         x = seen["down"][i].reshape(-1, seen["down"][i].shape[-1]).double()
         assert block.down.count == x.shape[0] == 60
-        torch.testing.assert_close(block.down.sum, x.sum(0), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(block.down.gram, x.T @ x, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            block.down.sum, x.sum(0), rtol=1e-5, atol=1e-6, check_dtype=False
+        )
+        torch.testing.assert_close(
+            block.down.gram, x.T @ x, rtol=1e-4, atol=1e-5, check_dtype=False
+        )
         xo = seen["o"][i].reshape(-1, seen["o"][i].shape[-1]).double()
-        torch.testing.assert_close(block.o.var, xo.var(0, unbiased=False), rtol=1e-3, atol=1e-6)
+        torch.testing.assert_close(
+            block.o.var, xo.var(0, unbiased=False), rtol=1e-3, atol=1e-6, check_dtype=False
+        )
         ang = angular_distance(seen["in"][i], seen["out"][i]).mean()
         assert math.isclose(block.angular, float(ang), rel_tol=1e-5)
         assert 0.0 <= block.angular <= 1.0

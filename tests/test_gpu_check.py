@@ -27,7 +27,7 @@ def test_quick_cpu_mode_of_the_script(tiny_project, tmp_path):
     assert "gpu check passed" in proc.stdout
     summary = json.loads((out / "gpu_check.json").read_text())
     assert summary["verdict"]["ppl_relative_diff"] == 0.0
-    assert {r["math_dtype"] for r in summary["runs"].values()} == {"float64"}
+    assert {r["math_dtype"] for r in summary["runs"].values()} == {"float32"}
     scale = summary["scale"]
     assert scale["shape"] == "tiny" and scale["peak_device_mib"] is None  # CPU: no device peak
     assert scale["prune_s"] > 0 and scale["dense_forward_s"] > 0 and scale["peak_rss_mib"] > 0

@@ -54,7 +54,10 @@ def test_sharded_input_loads_like_the_single_file(sources):
     torch.testing.assert_close(_logits(loaded.model, ids), _logits(model, ids))
 
 
-def test_sharded_in_prune_sharded_out_matches_unsharded(sources, tmp_path, capsys):
+def test_sharded_in_prune_sharded_out_matches_unsharded(sources, tmp_path, capsys, monkeypatch):
+    # float64 solves: bit-equal logits are the layout's claim; float32 BLAS results may differ
+    # in the last bit between two runs (buffer alignment), which is not what this test checks
+    monkeypatch.setenv("CFSP_MATH_DTYPE", "float64")
     root, _ = sources
     one, many = tmp_path / "one", tmp_path / "many"
     _prune(capsys, root / "single", root / "text.txt", one)
