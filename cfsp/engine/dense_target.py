@@ -39,7 +39,7 @@ from cfsp.devices import math_dtype
 from cfsp.engine.plan import BlockPlan
 from cfsp.engine.reconstruct import damped_cholesky
 from cfsp.engine.slicing import apply_plan
-from cfsp.engine.statistics import finite_rows
+from cfsp.engine.statistics import centered, finite_rows
 from cfsp.engine.stream import block_forward
 from cfsp.errors import UsageError
 
@@ -101,8 +101,8 @@ def refit(w: torch.Tensor, b: torch.Tensor, m: TargetMoments, method: str, dampi
     w, b = w.to(m.gram), b.to(m.gram)
     mu_x, mu_y = m.x_sum / m.count, m.y_sum / m.count
     if method == "liar" and w.shape[1] > 0:
-        cov = m.gram / m.count - torch.outer(mu_x, mu_x)
-        c_ys = m.cross / m.count - torch.outer(mu_y, mu_x)
+        cov = centered(m.gram, m.count, mu_x, mu_x)
+        c_ys = centered(m.cross, m.count, mu_y, mu_x)
         c_rs = c_ys - w @ cov  # cross-covariance of the residual r with x~_S
         w = w + torch.cholesky_solve(c_rs.T, damped_cholesky(cov, damping)).T
     return w, mu_y - w @ mu_x

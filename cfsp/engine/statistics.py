@@ -84,8 +84,13 @@ class ChannelStats:
 
     @property
     def cov(self) -> torch.Tensor:
-        mean = self.mean  # one n^2 result, no temporaries: gram / T - mean mean^T
-        return torch.addr(self.gram, mean, mean, beta=1 / self.count, alpha=-1)
+        return centered(self.gram, self.count, self.mean, self.mean)
+
+
+def centered(second: torch.Tensor, count, mean_a: torch.Tensor, mean_b: torch.Tensor):
+    """second / count - mean_a mean_b^T: a (cross-)covariance from summed products, as one
+    [a, b] result with no temporaries of that size."""
+    return torch.addr(second, mean_a, mean_b, beta=1 / count, alpha=-1)
 
 
 @dataclass
