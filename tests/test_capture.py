@@ -4,7 +4,7 @@ import torch
 
 from cfsp.arch import adapter_for
 from cfsp.engine.capture import capture
-from cfsp.engine.statistics import Statistics, angular_distance
+from cfsp.engine.statistics import Statistics, angular_distance, symmetric_product
 from tests.conftest import random_windows, tiny_model
 
 
@@ -63,6 +63,26 @@ def test_angular_distance_of_zero_vector_is_half():
     assert torch.allclose(
         angular_distance(same, same), torch.zeros(1, 3, dtype=torch.float64), atol=1e-6
     )
+
+
+def test_angular_distance_is_the_float64_arccos_at_every_angle():
+    torch.manual_seed(0)
+    a = torch.randn(4, 16, 64, dtype=torch.float64)
+    for scale in (1e-4, 1e-2, 1.0, 10.0):  # near-identical to unrelated
+        b = a + scale * torch.randn_like(a)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)
+        expected = torch.arccos(cos.clamp(-1, 1)) / math.pi
+        assert torch.allclose(angular_distance(a, b), expected, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(angular_distance(a, -a), torch.ones(4, 16, dtype=torch.float64))
+
+
+def test_symmetric_product_is_the_gram_matrix():
+    rows = torch.randn(300, 1000)
+    gram = symmetric_product(rows, tile=256)  # 4 bands
+    assert torch.equal(gram, gram.T)
+    assert torch.allclose(gram, rows.T @ rows, rtol=1e-4, atol=1e-3)
+    small = torch.randn(50, 100)
+    assert torch.equal(symmetric_product(small, tile=256), small.T @ small)  # one band
 
 
 def test_statistics_roundtrip(tmp_path):

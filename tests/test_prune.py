@@ -6,7 +6,7 @@ from cfsp.config import PruneConfig
 from cfsp.engine.allocate import achieved_fraction, cfsp_keep_ratios, counts_from_ratios
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import prune_model
-from cfsp.engine.importance import fine_scores
+from cfsp.engine.importance import fine_scores, relative_importance, relative_importance_sums
 from cfsp.engine.plan import Geometry
 from cfsp.engine.registry import CRITERIA
 from cfsp.errors import UsageError
@@ -91,6 +91,15 @@ def test_cfsp_criterion_does_not_collapse_to_activation_norm():
     ratio = cfsp / act
     assert ratio.std() / ratio.mean() > 0.01  # not a constant multiple
     assert not torch.equal(cfsp.argsort(), act.argsort())
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_relative_importance_sums_match_the_definition(dim):
+    weight = torch.randn(24, 40, dtype=torch.float64)
+    weight[3] = 0  # an all-zero row (and below a column): the clamped sums, as defined
+    weight[:, 7] = 0
+    expected = relative_importance(weight).sum(dim)
+    assert torch.allclose(relative_importance_sums(weight, dim), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_budget_is_hit_on_a_realistic_geometry():

@@ -22,12 +22,12 @@ def _stats(x: torch.Tensor) -> ChannelStats:
     return st
 
 
-def _setup(n=12, tokens=400, seed=0):
+def _setup(n=12, tokens=400, seed=0, n_out=5):
     gen = torch.Generator().manual_seed(seed)
     mix = torch.randn(n, n, generator=gen, dtype=torch.float64)
     x = torch.randn(tokens, n, generator=gen, dtype=torch.float64) @ mix + 0.5
-    w = torch.randn(5, n, generator=gen, dtype=torch.float64)
-    b = torch.randn(5, generator=gen, dtype=torch.float64)
+    w = torch.randn(n_out, n, generator=gen, dtype=torch.float64)
+    b = torch.randn(n_out, generator=gen, dtype=torch.float64)
     keep = torch.tensor([0, 2, 3, 5, 7, 8, 10])
     return x, w, b, keep
 
@@ -70,8 +70,9 @@ def test_error_order_liar_bias_none_and_exact_formula():
     assert errs["liar"] <= errs["bias"] <= errs["none"]
 
 
-def test_liar_equals_least_squares_refit():
-    x, w, b, keep = _setup()
+@pytest.mark.parametrize("n_out", [3, 5, 9])  # fewer outputs than the 5 pruned inputs, or not
+def test_liar_equals_least_squares_refit(n_out):
+    x, w, b, keep = _setup(n_out=n_out)
     w2, b2 = fold(w, b, _stats(x), keep, "liar", damping=1e-10)
     design = torch.cat([x[:, keep], torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
     sol = torch.linalg.lstsq(design, x @ w.T + b).solution  # [|S|+1, n_out]

@@ -197,6 +197,9 @@ def prune_block(
         ("down", p.down, stats.down, torch.tensor(plan.channels)),
     ):
         keep = keep.to(layer.weight.device)
+        if keep.numel() == layer.in_features:  # nothing pruned: slicing alone, no error
+            row[f"{name}_before"] = row[f"{name}_after"] = 0.0
+            continue
         w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)
         plain_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.to(b_new.dtype)
         plain_w = layer.weight.to(w_new.dtype)[:, keep]
@@ -211,6 +214,8 @@ def prune_block(
     apply_plan(adapter, block, plan, head_dim)
     p = adapter.parts(block)
     for name, layer in (("o", p.o), ("down", p.down)):
+        if name not in folded:
+            continue
         w_new, b_new = folded[name]
         layer.weight.copy_(w_new.to(layer.weight.dtype))
         if layer.bias is not None:

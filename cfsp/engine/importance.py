@@ -46,10 +46,22 @@ def relative_importance(weight: torch.Tensor) -> torch.Tensor:
     return a / a.sum(1, keepdim=True).clamp_min(1e-12) + a / a.sum(0, keepdim=True).clamp_min(1e-12)
 
 
+def relative_importance_sums(weight: torch.Tensor, dim: int) -> torch.Tensor:
+    """relative_importance(weight).sum(dim) without the [out, in] terms: with row sums r and
+    column sums c of |A|, sum_i RI_ik = (|A|^T r^-1)_k + c_k / c_k and sum_k RI_ik =
+    (|A| c^-1)_i + r_i / r_i (one |A| copy and a matrix-vector product instead of four
+    matrix-sized temporaries; both clamp the sums at 1e-12 as relative_importance does)."""
+    a = weight.detach().abs().to(math_dtype(weight.device))
+    rows, cols = a.sum(1), a.sum(0)
+    if dim == 0:
+        return a.T @ rows.clamp_min(1e-12).reciprocal() + cols / cols.clamp_min(1e-12)
+    return a @ cols.clamp_min(1e-12).reciprocal() + rows / rows.clamp_min(1e-12)
+
+
 def cfsp_score(out_proj, in_projs, stats: ChannelStats, exponent: float, gen) -> torch.Tensor:
-    weight_term = relative_importance(out_proj).sum(0)  # [n]
+    weight_term = relative_importance_sums(out_proj, 0)  # [n]
     for proj in in_projs:
-        weight_term = weight_term + relative_importance(proj).sum(1)
+        weight_term = weight_term + relative_importance_sums(proj, 1)
     return stats.norm.pow(exponent) * weight_term
 
 

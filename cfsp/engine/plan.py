@@ -1,12 +1,12 @@
 """The plan types: what a dense model looks like, and what each of its blocks keeps.
 
-  Geometry    dense widths of every block (hidden d, head_dim hd, H heads, G KV heads, m channels)
-              and the parameter cost of a block: 2*d*hd*(h + g) (q, k, v, o) + 3*d*m (gate, up,
-              down). The budget counts these weights only (no embeddings, norms, LM head).
-  BlockCounts how many KV groups, query heads per group and FFN channels one block keeps
-              (the coarse allocation's output).
-  BlockPlan   which ones: sorted indices in the dense numbering (the fine selection's output).
-  PrunePlan   every block's plan and keep ratio: the `allocate` stage's artifact.
+Geometry    dense widths of every block (hidden d, head_dim hd, H heads, G KV heads, m channels)
+            and the parameter cost of a block: 2*d*hd*(h + g) (q, k, v, o) + 3*d*m (gate, up,
+            down). The budget counts these weights only (no embeddings, norms, LM head).
+BlockCounts how many KV groups, query heads per group and FFN channels one block keeps
+            (the coarse allocation's output).
+BlockPlan   which ones: sorted indices in the dense numbering (the fine selection's output).
+PrunePlan   every block's plan and keep ratio: the `allocate` stage's artifact.
 """
 
 from __future__ import annotations

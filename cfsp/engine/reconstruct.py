@@ -13,7 +13,7 @@ CFSP_MATH_DTYPE=float64; the damping keeps the float32 system well conditioned: 
 eig / lambda); if the damped matrix is still not positive definite the damping grows tenfold until
 it is. The relative output error on calibration data,
   E = E_x ||(W x + b) - (W_S' x_S + b')||^2 / E_x ||W x + b||^2,
-is computed from the same statistics (`relative_error`; exact up to 256 output rows, above on 256
+is computed from the same statistics (`relative_error`; exact up to 128 output rows, above on 128
 evenly spaced rows: a report, and its full cost would exceed a 7B block's forward).
 Each method is one function (W [n_out, n] and b [n_out] in the math dtype, `ChannelStats`, kept S,
 pruned P) -> (W_S', b'), named in `cfsp.engine.registry.RECONSTRUCTIONS`.
@@ -64,7 +64,11 @@ def bias_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
 
 
 def liar_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
-    """W_S' = W_S + W_P Q, b' = b + W_P p with Q, p the damped least-squares fit (above)."""
+    """W_S' = W_S + W_P Q, b' = b + W_P p with Q, p the damped least-squares fit (above).
+
+    The solve has |P| right-hand sides (Q^T), or n_out when that is fewer:
+    (W_P Q)^T = (C_SS + lambda I)^-1 C_SP W_P^T and W_P p = W_P mu_P - (W_P Q) mu_S, the same
+    fold for 2 |S|^2 min(|P|, n_out) flop."""
     if keep.numel() == 0:
         return bias_fold(w, b, stats, keep, pruned, damping)
     w_s, w_p = w[:, keep], w[:, pruned]
@@ -72,6 +76,9 @@ def liar_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
     kept_rows = stats.cov[keep]
     c_ss, c_sp = kept_rows[:, keep], kept_rows[:, pruned]
     del kept_rows
+    if pruned.numel() > w.shape[0]:  # fewer outputs than pruned inputs: solve for W_P Q
+        wq_t = _damped_solve(c_ss, c_sp @ w_p.T, damping)  # [|S|, n_out] = (W_P Q)^T
+        return w_s + wq_t.T, b + w_p @ mu[pruned] - wq_t.T @ mu[keep]
     q_t = _damped_solve(c_ss, c_sp, damping)  # [|S|, |P|] = (C_SS + lambda I)^-1 C_SP
     q = q_t.T
     p = mu[pruned] - q @ mu[keep]
@@ -96,13 +103,14 @@ def _damped_solve(a: torch.Tensor, rhs: torch.Tensor, damping: float) -> torch.T
     return torch.cholesky_solve(rhs, damped_cholesky(a, damping))
 
 
-REPORT_ROWS = 256  # output rows the error report reads (all of them up to this many)
+REPORT_ROWS = 128  # output rows the error report reads (all of them up to this many)
 
 
 def report_rows(n_out: int, device) -> torch.Tensor | None:
     """The output rows the error report reads: None (all) up to REPORT_ROWS, else REPORT_ROWS
     evenly spaced ones. The report's quadratic forms cost rows x n^2; on all 4096 rows of a
-    Llama-2-7B down_proj that was ~2e12 flop per block, more than the block's forward."""
+    Llama-2-7B down_proj that was ~2e12 flop per block, more than the block's forward; on 128
+    rows ~6e10, 2% of it."""
     if n_out <= REPORT_ROWS:
         return None
     return torch.linspace(0, n_out - 1, REPORT_ROWS, device=device).round().long().unique()
@@ -121,7 +129,7 @@ def relative_error(
 
     A report, not a solve: the quadratic forms run in float32, over the input channels where the
     weights changed only (the unfolded slice changes the pruned ones alone), and over the output
-    rows of `report_rows` (exact up to 256 rows; above, the ratio on 256 evenly spaced rows).
+    rows of `report_rows` (exact up to 128 rows; above, the ratio on 128 evenly spaced rows).
     `total`: `output_energy` (same rows) when the caller has it.
     """
     rows = report_rows(weight.shape[0], weight.device)

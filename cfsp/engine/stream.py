@@ -106,15 +106,16 @@ def run_block(
     gram_dtype: torch.dtype = torch.float32,
     advance: bool = True,
     empty=ChannelStats.empty,
+    empty_o=None,
 ) -> BlockStats:
     """Run one block over every batch, collecting its statistics.
 
     With `advance`, each batch's output replaces its input in `hiddens` (the next block's input).
     `empty(n)` makes the statistics of n input channels (the streamed engine's first pass keeps
-    O(n) moments instead of the Gram matrix).
+    O(n) moments instead of the Gram matrix); `empty_o` those of o_proj's (default `empty`).
     """
     with torch.device(parts.o.weight.device):  # the statistics live where the block runs
-        o_stats = empty(parts.o.in_features)
+        o_stats = (empty_o or empty)(parts.o.in_features)
         down_stats = empty(parts.down.in_features)
     hooks = [
         parts.o.register_forward_pre_hook(_accumulate(o_stats, gram_dtype)),

@@ -12,11 +12,12 @@ Passes (cost in F = one dense forward over the calibration tokens, LM head exclu
   pass 1  stream the dense blocks once: angular distance per block, the O(width) moments
           (count, sum, sum of squares) of the o_proj / down_proj inputs that every fine
           criterion reads, the block's fine scores while its weights are loaded, and its Gram
-          matrices (float32, one fused addmm per batch), written to a file of its own
+          matrices (one bfloat16 GEMM per module for a bfloat16 model, else float32 per
+          batch; o_proj's only when heads may be pruned), written to a file of its own
           (cfsp.engine.streamed_spill) and freed.       cost ~1 F + Gram (T w^2) + write
   plan    coarse allocation (angular distances or FLAP's global threshold) and kept indices,
           from O(width) scores per block (driver.plan_from_scores, as plan_pruning).  ~0
-  pass 2  per block: reload it, read its Gram file back (float64), fold (LIAR / bias) and
+  pass 2  per block: reload it, read its Gram file back (math dtype), fold (LIAR / bias) and
           slice with the existing functions, write the block's shard, release it.
                                                            cost: read + solves (w^3), no forward
 So ~1 F + one Gram per module + the solves, as the in-memory engine; the spill costs disk (at
@@ -216,22 +217,32 @@ def _bar(blocks, desc: str):
     return tqdm(blocks, desc=desc, total=len(blocks), disable=None, unit="block")
 
 
-def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None, targets=None):
+def pass_one(
+    stream: Stream,
+    ids: torch.Tensor,
+    spill: Path | None,
+    score=None,
+    targets=None,
+    o_gram: bool = True,
+    digests: bool = True,
+):
     """Run every dense block once: its angular distance and O(width) moments; with `spill`,
-    also its Gram matrices, written to `spill` (one file per block) as soon as the block is
-    done; with `targets` (a folder), its dense residual stream after attention and after the
-    block (stats=target). `score(index, parts, stats)` runs while the block's weights are
-    loaded (fine scores). Returns (per-block moments as BlockStats, the block files' sha256,
-    the scores)."""
+    also its Gram matrices (o_proj's only with `o_gram`: none is needed when no head can be
+    pruned), written to `spill` (one file per block) as soon as the block is done; with
+    `targets` (a folder), its dense residual stream after attention and after the block
+    (stats=target). `score(index, parts, stats)` runs while the block's weights are loaded
+    (fine scores). Returns (per-block moments as BlockStats, the block files' sha256 (None
+    each without `digests`), the scores)."""
     hiddens, kwargs_list = first_inputs(stream, ids)
     empty = GramMoments.empty if spill is not None else ChannelMoments.empty
-    blocks, digests, scores = [], [], []
+    empty_o = empty if o_gram else ChannelMoments.empty
+    blocks, hashes, scores = [], [], []
     for index, block in enumerate(_bar(stream.layers(), "pass 1")):
         t0 = time.perf_counter()
         stream.load(block)
         parts = stream.adapter.parts(block)
         if targets is None:
-            stats = block_moments(block, parts, hiddens, kwargs_list, stream.device, empty)
+            stats = block_moments(block, parts, hiddens, kwargs_list, stream.device, empty, empty_o)
         else:
             stats = _moments_and_targets(
                 stream, block, parts, (hiddens, kwargs_list), targets, index
@@ -240,7 +251,7 @@ def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None, 
             scores.append(score(index, parts, stats))
         release(block)
         if spill is not None:
-            digests.append(write_block(spill, index, stats))
+            hashes.append(write_block(spill, index, stats, digests))
             stats = BlockStats(stats.angular, stats.tokens, stats.o.moments(), stats.down.moments())
         blocks.append(stats)
         kill_point("CFSP_FAULT_KILL_AFTER_BLOCK", index)  # tests only: a crash mid-capture
@@ -249,7 +260,7 @@ def pass_one(stream: Stream, ids: torch.Tensor, spill: Path | None, score=None, 
         log.info(
             "stream pass 1 block %2d: angular %.4f  %s", index, stats.angular, Meter.describe(row)
         )
-    return blocks, digests, scores
+    return blocks, hashes, scores
 
 
 def _moments_and_targets(stream: Stream, block, parts, walk, folder: Path, index: int):
@@ -428,12 +439,18 @@ def prune_streamed(
         if captured is None:
             grams = not (sequential_stats(cfg) or target_stats(cfg))
             targets = Path(scratch) if target_stats(cfg) else None
-            blocks, digests, scores = pass_one(
-                stream, ids, Path(scratch) if grams else None, scorer(stream, cfg), targets
+            blocks, _, scores = pass_one(
+                stream,
+                ids,
+                Path(scratch) if grams else None,
+                scorer(stream, cfg),
+                targets,
+                o_gram=cfg.structures != "ffn",  # o_proj keeps every input: no fold, no Gram
+                digests=False,  # our own files, read back in this process: not hashed
             )
             angular = torch.tensor([b.angular for b in blocks], dtype=torch.float64)
             allocation = plan_from_scores(geo, angular, scores, cfg)
-            spill = Spill(Path(scratch), [None] * len(blocks))  # our own files: not hashed
+            spill = Spill(Path(scratch), [None] * len(blocks))
         else:
             allocation, spill = captured.plan, captured.spill
         t1 = time.perf_counter()

@@ -7,9 +7,10 @@ only the angular distance. `ChannelMoments` keeps exactly these, O(width) per mo
 the `ChannelStats` interface the criteria read; the full Gram (width^2) is built in the second
 pass, one block at a time.
 
-The diagonal is accumulated as a float64 sum of squares. The in-memory path takes it from a
-float32 Gram product, so the two agree to ~1e-7 relative, not bit for bit (scores nearer than
-that could rank differently; the tests check the kept indices are the same).
+The diagonal is a sum of squares, float32 within a batch and float64 across batches
+(`channel_sums`). The in-memory path takes it from a float32 Gram product, so the two agree to
+~1e-6 relative, not bit for bit (scores nearer than that could rank differently; the tests
+check the kept indices are the same).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from cfsp.engine.capture import peak_rss_mib
-from cfsp.engine.statistics import BlockStats, ChannelStats, finite_rows
+from cfsp.engine.statistics import BlockStats, ChannelStats, channel_sums
 from cfsp.engine.stream import run_block
 from cfsp.errors import UsageError
 
@@ -38,10 +39,16 @@ class ChannelMoments(ChannelStats):
         return cls(0, z, None, z.clone())
 
     def add(self, x: torch.Tensor, gram_dtype: torch.dtype = torch.float32) -> None:
-        x = finite_rows(x, gram_dtype)
-        self.count += x.shape[0]
-        self.sum += x.sum(0, dtype=torch.float64)
-        self.sq += x.double().square().sum(0)
+        count, total, squares = channel_sums(x)
+        self.count += count
+        self.sum += total
+        self.sq += squares
+
+    def finish(self) -> None:
+        """Nothing pending (the Gram-keeping subclass takes its product here)."""
+
+    def moments(self) -> ChannelMoments:
+        return self
 
     @property
     def sq_norm(self) -> torch.Tensor:
@@ -54,13 +61,13 @@ class ChannelMoments(ChannelStats):
 
 @torch.no_grad()
 def block_moments(
-    block, parts, hiddens: list, kwargs_list: list, device, empty=ChannelMoments.empty
+    block, parts, hiddens: list, kwargs_list: list, device, empty=ChannelMoments.empty, empty_o=None
 ) -> BlockStats:
     """Run one block over every batch (outputs replace inputs): its angular distance and the
-    statistics of the o_proj / down_proj inputs made by `empty` (O(width) moments by default;
-    cfsp.engine.streamed_spill.GramMoments adds the Gram)."""
+    statistics of the down_proj / o_proj inputs made by `empty` / `empty_o` (default: `empty`;
+    O(width) moments by default, cfsp.engine.streamed_spill.GramMoments adds the Gram)."""
     with torch.device(device):
-        return run_block(block, parts, hiddens, kwargs_list, empty=empty)
+        return run_block(block, parts, hiddens, kwargs_list, empty=empty, empty_o=empty_o)
 
 
 class Meter:
