@@ -25,7 +25,7 @@ import torch
 
 from cfsp.devices import math_dtype
 from cfsp.engine.registry import RECONSTRUCTIONS
-from cfsp.engine.statistics import ChannelStats
+from cfsp.engine.statistics import ChannelStats, centered
 
 
 def fold(
@@ -73,7 +73,7 @@ def liar_fold(w, b, stats: ChannelStats, keep, pruned, damping: float):
         return bias_fold(w, b, stats, keep, pruned, damping)
     w_s, w_p = w[:, keep], w[:, pruned]
     mu = stats.mean
-    kept_rows = stats.cov[keep]
+    kept_rows = centered(stats.gram[keep], stats.count, mu[keep], mu)  # C[S, :], no n^2 copy
     c_ss, c_sp = kept_rows[:, keep], kept_rows[:, pruned]
     del kept_rows
     if pruned.numel() > w.shape[0]:  # fewer outputs than pruned inputs: solve for W_P Q
@@ -90,11 +90,13 @@ def damped_cholesky(a: torch.Tensor, damping: float) -> torch.Tensor:
     it factors (one damping rule for the refit and for error-aware selection)."""
     scale = float(a.diagonal().mean().clamp_min(0))
     lam = damping * scale if scale > 0 else 1e-8
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
+    shifted = a.clone()  # one n^2 copy; the damping goes on its diagonal in place
+    shifted.diagonal().add_(lam)
     for _ in range(8):
-        chol, info = torch.linalg.cholesky_ex(a + lam * eye)
+        chol, info = torch.linalg.cholesky_ex(shifted)
         if int(info) == 0:
             return chol
+        shifted.diagonal().add_(9 * lam)  # lambda -> 10 lambda
         lam *= 10
     raise RuntimeError("covariance is not positive definite even with heavy damping")
 
