@@ -9,6 +9,7 @@ random weights need no matching vocabulary, and a real one keeps calibration tex
 
 `measure` runs today's `cfsp prune` on such a checkpoint as a subprocess and records its wall
 time, peak RSS, statistics bytes written and one dense forward's time (benchmarks/scale_measure.py).
+`--shape smollm2-135m` measures the embedded real model the same way (`EMBEDDED`).
 
   python -m benchmarks.scale write --shape tinyllama-1.1b --out ~/.cache/cfsp/scale/tinyllama-1.1b
   python -m benchmarks.scale measure --shape tinyllama-1.1b --nsamples 16 --md scale.md
@@ -51,6 +52,10 @@ SHAPES = {
     "tinyllama-1.1b": Shape(22, 2048, 5632, 32, 4, False, 10000.0, 2048),
     "llama-3.2-3b": Shape(28, 3072, 8192, 24, 8, True, 500000.0, 131072),  # no rope scaling
     "llama-2-7b": Shape(32, 4096, 11008, 32, 32, False, 10000.0, 4096),
+}
+# Real checkpoints measured the same way: the embedded models (cfsp.embedded), not written here.
+EMBEDDED = {
+    "smollm2-135m": Shape(30, 576, 1536, 9, 3, True, 100000.0, 8192),
 }
 
 

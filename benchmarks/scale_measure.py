@@ -154,12 +154,15 @@ def _finite_logits(model, ids) -> bool:
 
 def measure(args, writer) -> dict:
     """Measure one shape (see the module docstring); return the row written."""
-    from benchmarks.scale import SHAPES
+    from benchmarks.scale import EMBEDDED, SHAPES
+    from cfsp.embedded import embedded_checkpoint
 
-    if args.shape not in SHAPES:
-        raise SystemExit(f"error: unknown shape {args.shape!r}; choose one of {', '.join(SHAPES)}")
-    model_dir = args.work / args.shape
-    if not (model_dir / "model.safetensors.index.json").is_file():
+    if args.shape not in SHAPES | EMBEDDED:
+        choices = ", ".join(SHAPES | EMBEDDED)
+        raise SystemExit(f"error: unknown shape {args.shape!r}; choose one of {choices}")
+    real = args.shape in EMBEDDED
+    model_dir = embedded_checkpoint(args.shape) if real else args.work / args.shape
+    if not real and not (model_dir / "model.safetensors.index.json").is_file():
         print(f"writing the {args.shape} checkpoint to {model_dir}", flush=True)
         writer(args.shape, model_dir)
     out, scratch = args.work / f"{args.shape}-pruned", args.work / f"{args.shape}-scratch"
@@ -188,7 +191,7 @@ def measure(args, writer) -> dict:
 
 
 def _row(args, model_dir, out, run, maxrss, forward, machine) -> dict:
-    from benchmarks.scale import SHAPES
+    from benchmarks.scale import EMBEDDED, SHAPES
     from cfsp.export import read_manifest
     from cfsp.pruning import library_versions
 
@@ -201,7 +204,7 @@ def _row(args, model_dir, out, run, maxrss, forward, machine) -> dict:
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     return {
         "shape": args.shape,
-        **asdict(SHAPES[args.shape]),
+        **asdict((SHAPES | EMBEDDED)[args.shape]),
         "params": forward["params"],
         "weights_bytes": weights,
         "dtype": args.dtype,

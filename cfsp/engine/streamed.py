@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from cfsp.config import PruneConfig
-from cfsp.devices import bound_host_heap
+from cfsp.devices import bound_host_heap, trim_host_heap
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.dense_target import DenseRecorder, dense_targets, refit_block, target_stats
 from cfsp.engine.driver import (
@@ -254,6 +254,7 @@ def pass_one(
             hashes.append(write_block(spill, index, stats, digests))
             stats = BlockStats(stats.angular, stats.tokens, stats.o.moments(), stats.down.moments())
         blocks.append(stats)
+        trim_host_heap()
         kill_point("CFSP_FAULT_KILL_AFTER_BLOCK", index)  # tests only: a crash mid-capture
         row = {"block": index, "pass": 1, **stream.meter.snapshot(t0)}
         stream.rows.append(row)
@@ -380,6 +381,7 @@ def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first
             nonzero[role] |= value
         writer.write(first + index, conform(block.state_dict(), layout[index], prefix))
         release(block)
+        trim_host_heap()
         errors.append(row)
         meter = {"block": index, "pass": 2, **stream.meter.snapshot(t0)}
         stream.rows.append(meter)
