@@ -201,10 +201,14 @@ def scale_section(md_dir: Path) -> list[str]:
     return [
         "## Scale",
         "",
-        "Random-init checkpoints of public shapes pruned by `cfsp prune` (streamed engine, "
-        "bfloat16, p = 0.3, botchan:train calibration) on this 2-core CPU machine: wall time "
-        "against one dense forward over the same calibration tokens, peak RSS of the process "
-        "tree, bytes of statistics spilled (`python -m benchmarks.scale measure --shape S`).",
+        "Random-init checkpoints of public shapes, and the embedded SmolLM2-135M, pruned by "
+        "`cfsp prune` (streamed engine, bfloat16, p = 0.3, botchan:train calibration) on this "
+        "2-core CPU machine: wall time of the `cfsp prune` process (start-up and imports "
+        "included; `engine ratio`: its passes alone) against one dense forward over the same "
+        "calibration tokens in another process, peak RSS of the process tree, bytes of "
+        "statistics spilled (`python -m benchmarks.scale measure --shape S`). Run one after the "
+        "other on a quiet machine (load ~1.5); the dense forward of one shape varied by up to "
+        "35% between runs, so each ratio is good to about that.",
         "",
         table.read_text().strip(),
         "",

@@ -134,6 +134,8 @@ def scale_plot(rows: list[dict], out: Path) -> Path:
     rows: {"engine", "params", "prune_wall_s", "dense_forward_s", "peak_rss_bytes",
     "weights_bytes"} (benchmarks/scale.py)."""
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter
+
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
     for engine in dict.fromkeys(r["engine"] for r in rows):
         mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["params"])
@@ -157,6 +159,7 @@ def scale_plot(rows: list[dict], out: Path) -> Path:
     for ax, ylabel in ((left, "wall seconds"), (right, "GB")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlapped
         ax.set_xlabel("parameters (billions)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3, which="both")

@@ -9,7 +9,13 @@ import torch
 from conftest import random_windows, run_cli, tiny_model
 
 from cfsp.config import Params, PruneConfig, validate
-from cfsp.devices import check_device_name, math_dtype, resolve_device
+from cfsp.devices import (
+    bound_host_heap,
+    check_device_name,
+    math_dtype,
+    resolve_device,
+    trim_host_heap,
+)
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import prune_model
 from cfsp.errors import UsageError
@@ -39,6 +45,31 @@ def test_cuda_index_is_checked_against_the_devices_present(monkeypatch):
 def test_unknown_device_names(bad):
     with pytest.raises(UsageError, match="unknown --device"):
         check_device_name(bad)
+
+
+def test_host_heap_controls_reach_glibc():
+    import os
+    import platform
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    code = (
+        "import torch\n"
+        "from cfsp.devices import bound_host_heap, trim_host_heap\n"
+        "print(bound_host_heap())\n"
+        "x = [torch.ones(1 << 20) for _ in range(64)]\n"  # 256 MiB of heap chunks (< 64 MiB each)
+        "del x\n"
+        "print(trim_host_heap())\n"
+    )
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.split() == [str(glibc), str(glibc)]
+    assert isinstance(bound_host_heap(), bool) and isinstance(trim_host_heap(), bool)
 
 
 def test_params_device_key():
