@@ -90,7 +90,7 @@ class GramMoments(ChannelMoments):
             product = symmetric_product(rows)
             self.gram = product if self.gram is None else self.gram + product.to(self.gram.dtype)
         if self.gram is None:  # no tokens
-            self.gram = torch.zeros(self.sum.numel(), self.sum.numel())
+            self.gram = torch.zeros(self.sum.numel(), self.sum.numel(), device=self.sum.device)
 
     def moments(self) -> ChannelMoments:
         return ChannelMoments(self.count, self.sum, None, self.sq)
