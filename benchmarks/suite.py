@@ -222,12 +222,37 @@ class Suite:
         return out
 
 
-def _cached(path: Path, key: str, compute) -> dict:
+def result_config(cfg) -> dict:
+    """The fields of a method's config that its result depends on: what a saved row is keyed on,
+    so a changed default redoes the rows that read it and only those (the CFSP allocation's
+    temperature, control and floor; the CFSP criterion's exponent; the reconstruction's damping
+    and statistics, damping also for an error-selected criterion; the seed of `random`)."""
+    from cfsp.engine.registry import ERROR_SELECTED
+
+    fields = json.loads(cfg.model_dump_json())
+    unread = set()
+    if cfg.allocation != "cfsp":
+        unread |= {"temperature", "control", "floor"}
+    if cfg.criterion != "cfsp":
+        unread.add("exponent")
+    if cfg.reconstruct == "none":
+        unread.add("stats")
+        if cfg.criterion not in ERROR_SELECTED:
+            unread.add("damping")
+    if cfg.criterion != "random":
+        unread.add("seed")
+    return {k: v for k, v in fields.items() if k not in unread}
+
+
+def _cached(path: Path, key: str, compute, config: dict | None = None) -> dict:
+    """The row saved at `path` if it was measured under the same settings and, for a pruned
+    row, the same resolved method config (a changed default recomputes the rows it touches);
+    else compute it and save it."""
     if path.is_file():
         row = read_json(path)
-        if row.get("settings") == key:
+        if row.get("settings") == key and row.get("config") == config:
             return row
-    row = {**compute(), "settings": key, "zeroshot": None}
+    row = {**compute(), "settings": key, "config": config, "zeroshot": None}
     write_json(path, row)
     return row
 
@@ -296,7 +321,8 @@ def main(argv=None) -> list[dict]:
     for name in args.methods:
         for budget in args.budgets:
             path = args.rows / f"{name}-p{budget}.json"
-            row = _cached(path, suite.key, lambda n=name, b=budget: suite.row(n, b))
+            config = result_config(variant_config(METHODS[name], budget))
+            row = _cached(path, suite.key, lambda n=name, b=budget: suite.row(n, b), config)
             rows.append(
                 _with_zeroshot(
                     path, row, suite, lambda n=name, b=budget: suite.pruned(METHODS[n], b)[0]

@@ -41,6 +41,20 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer)
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir()} == stamps
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows]
 
+    # A row measured under another config of its method (a default changed since) is redone.
+    from cfsp.io import write_json
+
+    stale = tmp_path / "rows" / "flap+liar-p0.2.json"
+    edited = read_json(stale)
+    edited["config"]["damping"] = 0.5
+    write_json(stale, edited)
+    stamps.pop(stale.name)
+    main(argv)
+    assert read_json(stale)["config"]["damping"] == 0.01
+    assert {
+        p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir() if p != stale
+    } == stamps
+
     # Zero-shot columns are added by a later run without recomputing the rest of a row.
     from cfsp.data import local_data_dir
 
@@ -109,3 +123,62 @@ def test_generic_targets_and_a_section_without_speed_or_rounded(tmp_path):
     assert "## Model gemma3-270m" in page and "Speed: not measured (--no-speed)." in page
     assert "| 0.5 | default | 0.5000 | 5 | 20.00 | 18.00 | 50.0 | 1.50 | - | - |" in page
     assert "--model gemma3-270m" in page and "--no-speed --no-rounded --targets generic" in page
+
+
+def _compare_result(path, calib_hash: str, rows: list[tuple[str, float, float]]) -> None:
+    from cfsp.io import write_json
+
+    write_json(
+        path,
+        {
+            "calibration": {"hash": calib_hash},
+            "evaluation": {"valid": {"hash": "v1"}},
+            "rows": [
+                {"variant": v, "budget": b, "ppl": {"valid": p}}
+                for v, b, p in [("dense", 0.0, 10.0), *rows]
+            ],
+        },
+    )
+
+
+def test_ablation_sets_runs_side_by_side_and_refuses_other_windows(tmp_path):
+    import pytest
+
+    from benchmarks.ablation import main as ablation
+    from cfsp.errors import UsageError
+
+    _compare_result(
+        tmp_path / "a.json", "c1", [("cfsp", 0.2, 20.0), ("cfsp+reconstruct=none", 0.2, 30.0)]
+    )
+    _compare_result(
+        tmp_path / "b.json", "c1", [("cfsp", 0.2, 20.0), ("cfsp+control=0.5", 0.2, 19.0)]
+    )
+    page = ablation([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--source", "valid"])
+    lines = [line for line in page.splitlines() if line.startswith("| 0.2")]
+    assert len(lines) == 3  # the default once, then the variants, best first
+    assert "default" in lines[0] and "20.00" in lines[0]
+    assert "control 0.5" in lines[1] and "-5.0%" in lines[1]
+    assert "LIAR off" in lines[2] and "+50.0%" in lines[2]
+
+    _compare_result(tmp_path / "c.json", "c2", [("cfsp", 0.2, 21.0)])
+    with pytest.raises(UsageError, match="not comparable"):
+        ablation([str(tmp_path / "a.json"), str(tmp_path / "c.json"), "--source", "valid"])
+    with pytest.raises(UsageError, match="not evaluated"):
+        ablation([str(tmp_path / "a.json"), "--source", "wikitext2"])
+
+
+def test_result_config_keeps_what_a_method_reads():
+    from benchmarks.compare import variant_config
+    from benchmarks.suite import result_config
+
+    default = result_config(variant_config("cfsp", 0.2))
+    assert default["control"] == 1.0 and default["damping"] == 0.01 and "seed" not in default
+    flatter = result_config(variant_config("cfsp+control=0.5", 0.2))
+    assert flatter != default  # a changed allocation default redoes the CFSP rows...
+    for method in ("wanda_sp", "flap", "cfsp+allocation=uniform"):
+        assert result_config(variant_config(method, 0.2)) == result_config(
+            variant_config(method + "+control=0.5", 0.2)
+        )  # ...and not those whose allocation never reads it
+    assert "damping" not in result_config(variant_config("magnitude", 0.2))
+    assert "damping" in result_config(variant_config("cfsp+criterion=obs+reconstruct=none", 0.2))
+    assert "seed" in result_config(variant_config("random", 0.2))
