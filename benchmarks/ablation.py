@@ -38,6 +38,8 @@ WHAT = {  # variant -> what it switches, against the default
     "cfsp+damping=0.1": "ridge damping 0.1 (default 0.01)",
     "cfsp+exponent=0.25": "criterion exponent 0.25 on ||X_j|| (default 0.5)",
     "cfsp+exponent=1.0": "criterion exponent 1 on ||X_j|| (default 0.5)",
+    "cfsp+control=0.5+damping=0.1": "control 0.5 + damping 0.1 (the proposed default)",
+    "cfsp+control=0.5+damping=0.1+stats=sequential": "control 0.5 + damping 0.1 + sequential",
 }
 
 

@@ -12,8 +12,12 @@ from typing import Annotated
 import typer
 
 from cfsp import __version__
+from cfsp.config import PruneConfig
 from cfsp.engine.registry import ALLOCATIONS, CRITERIA, PRESETS, RECONSTRUCTIONS
 from cfsp.errors import CfspError, UsageError
+
+# The prune config's defaults, shown in --help (cfsp.config imports no torch).
+_PRUNE_DEFAULTS = {name: field.default for name, field in PruneConfig.model_fields.items()}
 
 log = logging.getLogger("cfsp")
 app = typer.Typer(
@@ -260,6 +264,22 @@ def prune_cmd(
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
     seed: Annotated[int, typer.Option(help="Seed for window sampling and random choices.")] = 0,
     temperature: Annotated[float, typer.Option(help="CFSP allocation temperature.")] = 1.0,
+    control: Annotated[
+        float | None,
+        typer.Option(
+            help="CFSP allocation control a in sigmoid(a z): lower spreads the budget more "
+            f"evenly over the blocks.  [default: {_PRUNE_DEFAULTS['control']}]",
+            show_default=False,
+        ),
+    ] = None,
+    damping: Annotated[
+        float | None,
+        typer.Option(
+            help="Ridge damping of the least-squares refit, as a fraction of the kept "
+            f"inputs' mean variance.  [default: {_PRUNE_DEFAULTS['damping']}]",
+            show_default=False,
+        ),
+    ] = None,
     stats: Annotated[
         str,
         typer.Option(
@@ -320,6 +340,8 @@ def prune_cmd(
         ("allocation", allocation),
         ("criterion", criterion),
         ("reconstruct", reconstruct),
+        ("control", control),
+        ("damping", damping),
     ):
         if value is not None:
             prune_values[key] = value

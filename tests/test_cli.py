@@ -1,5 +1,6 @@
 """The command line as a user meets it: one clear line and a non-zero exit on bad input."""
 
+import json
 import os
 
 import pytest
@@ -108,11 +109,17 @@ def test_eval_and_prune_on_a_local_model(tmp_path, tiny_tokenizer):
         "8",
         "--seqlen",
         "16",
+        "--control",
+        "0.5",
+        "--damping",
+        "0.1",
         "--out",
         str(pruned),
     )
     assert code == 0, err
     assert (pruned / "cfsp_manifest.json").is_file() and (pruned / "model.safetensors").is_file()
+    saved = json.loads((pruned / "cfsp_manifest.json").read_text())["prune"]["config"]
+    assert saved["control"] == 0.5 and saved["damping"] == 0.1
     # Too little text: a clear error, and the existing output is left untouched.
     before = (pruned / "model.safetensors").read_bytes()
     short = tmp_path / "short.txt"
