@@ -105,8 +105,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def settings_key(args: argparse.Namespace) -> str:
     """Everything a row's numbers depend on besides its method and budget."""
     keep = ("model", "calib", "nsamples", "seqlen", "seed", "wikitext", "wikitext_windows")
-    keep += ("botchan", "botchan_windows", "round_to", "speed_batch", "no_speed", "no_rounded")
-    text = json.dumps({k: getattr(args, k) for k in keep}, sort_keys=True)
+    keep += ("botchan", "botchan_windows", "round_to", "speed_batch")
+    values = {k: getattr(args, k) for k in keep}
+    # The switches count only when on, so rows measured before they existed (with speed and
+    # rounded columns) keep their key.
+    values.update({k: True for k in ("no_speed", "no_rounded") if getattr(args, k)})
+    text = json.dumps(values, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

@@ -182,3 +182,27 @@ def test_result_config_keeps_what_a_method_reads():
     assert "damping" not in result_config(variant_config("magnitude", 0.2))
     assert "damping" in result_config(variant_config("cfsp+criterion=obs+reconstruct=none", 0.2))
     assert "seed" in result_config(variant_config("random", 0.2))
+
+
+def test_committed_suite_rows_match_their_settings_key():
+    """The rows in benchmarks/results were measured under the key the suite computes for the
+    settings they record, so a re-run reuses them instead of redoing hours of rows."""
+    from pathlib import Path
+
+    from benchmarks.suite import parse_args, settings_key
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    for name, rows in (("suite.json", "suite_rows"), ("gemma3_suite.json", "gemma3_rows")):
+        settings = read_json(results / name)["settings"]
+        argv = []
+        for key in ("model", "calib", "nsamples", "seqlen", "seed", "wikitext", "botchan"):
+            argv += [f"--{key}", settings[key]]
+        for key in ("wikitext_windows", "botchan_windows", "round_to", "speed_batch"):
+            argv += [f"--{key.replace('_', '-')}", settings[key]]
+        argv += [
+            f"--{k.replace('_', '-')}"
+            for k in ("no_speed", "no_rounded")
+            if settings.get(k) == "True"
+        ]
+        key = settings_key(parse_args(argv))
+        assert read_json(results / rows / "dense.json")["settings"] == key, name
