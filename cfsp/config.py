@@ -62,7 +62,7 @@ class AllocateConfig(Strict):
     # text at p=0.2 and p=0.5 (README, "Measured"); ffn+heads stays one option away.
     structures: Literal["ffn+heads", "ffn"] = "ffn"
     temperature: float = Field(1.0, gt=0)
-    control: float = Field(1.0, gt=0)
+    control: float = Field(0.5, gt=0)
     floor: float = Field(0.05, gt=0, lt=1)
     exponent: float = Field(0.5, ge=0)
     round_to: Literal[1, 8, 64, 128] = 1
@@ -70,7 +70,7 @@ class AllocateConfig(Strict):
 
 
 class ReconstructConfig(Strict):
-    damping: float = Field(0.01, gt=0)
+    damping: float = Field(0.1, gt=0)
     stats: Literal["dense", "sequential", "target"] = "dense"
 
 
