@@ -126,3 +126,25 @@ def test_checkpoint_hash_covers_every_shard(tmp_path):
     first = record()
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"other weights")
     assert re.fullmatch(r"[0-9a-f]{20}", first) and record() != first
+
+
+def test_library_defaults_are_the_configs():
+    """The engine functions' own defaults (used by library callers that pass no config) are the
+    ones PruneConfig and params.yaml declare, so moving a default moves it everywhere."""
+    import inspect
+
+    from cfsp.config import AllocateConfig, ReconstructConfig
+    from cfsp.engine.allocate import cfsp_keep_ratios, coarse_scores
+    from cfsp.engine.reconstruct import fold
+    from cfsp.pipeline.stages import recover_stage
+
+    def default(fn, name):
+        return inspect.signature(fn).parameters[name].default
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    control, damping = AllocateConfig().control, ReconstructConfig().damping
+    assert params["allocate"]["control"] == control
+    assert params["reconstruct"]["damping"] == damping
+    for fn in (coarse_scores, cfsp_keep_ratios, recover_stage):
+        assert default(fn, "control") == control, fn.__name__
+    assert default(fold, "damping") == damping

@@ -48,7 +48,7 @@ def check_budget(budget: float) -> float:
     return float(budget)
 
 
-def coarse_scores(angular: torch.Tensor, temperature: float = 1.0, control: float = 1.0):
+def coarse_scores(angular: torch.Tensor, temperature: float = 1.0, control: float = 0.5):
     """Coarse importance s_l = sigmoid(a * z_l), z_l = standardised angular distance / T."""
     a = angular.double()
     spread = a.std() if a.numel() > 1 else torch.tensor(0.0, dtype=torch.float64)
@@ -60,7 +60,7 @@ def cfsp_keep_ratios(
     angular: torch.Tensor,
     budget: float,
     temperature: float = 1.0,
-    control: float = 1.0,
+    control: float = 0.5,
     floor: float = 0.05,
 ) -> torch.Tensor:
     """Per-block keep ratios from mean angular distances (ALGORITHMS 1.2, standardised)."""

@@ -34,7 +34,7 @@ def fold(
     stats: ChannelStats,
     keep: torch.Tensor,
     method: str,
-    damping: float = 0.01,
+    damping: float = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (W_S' [n_out, |S|], b' [n_out]) on the weight's device in its math dtype, by the
     registered `method` (statistics and kept indices are moved there first)."""

@@ -340,7 +340,7 @@ def recover_stage(
     out: Path,
     dtype: str = "float32",
     temperature: float = 1.0,
-    control: float = 1.0,
+    control: float = 0.5,
     on_step=None,
     device: str = "cpu",
 ) -> dict:
