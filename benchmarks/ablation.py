@@ -15,47 +15,59 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from cfsp.config import parse_variant
 from cfsp.errors import UsageError
 from cfsp.io import read_json
 from cfsp.metrics import render_table
 
 DEFAULT = "cfsp"
-WHAT = {  # variant -> what it switches, against the default
-    "cfsp+reconstruct=none": "no reconstruction (LIAR off)",
-    "cfsp+reconstruct=bias": "bias-only compensation instead of LIAR (FLAP's)",
-    "cfsp+allocation=uniform": "uniform budget instead of the CFSP allocation",
-    "cfsp+allocation=flap": "FLAP's global threshold instead of the CFSP allocation",
-    "cfsp+control=0.5": "flatter CFSP allocation (control 0.5)",
-    "cfsp+control=0.25": "flatter CFSP allocation (control 0.25)",
-    "cfsp+control=2": "steeper CFSP allocation (control 2)",
-    "cfsp+criterion=act_norm": "activation-norm criterion instead of CFSP's",
-    "cfsp+criterion=obs": "error-aware (OBS) selection instead of the CFSP criterion",
-    "cfsp+criterion=obs+stats=sequential": "error-aware selection + sequential statistics",
-    "cfsp+stats=sequential": "sequential statistics (Grams on the pruned prefix, +1 F)",
-    "cfsp+stats=target": "dense-target refit (towards the dense stream)",
-    "cfsp+structures=ffn+heads": "attention heads pruned too (attention/FFN share)",
-    "cfsp+damping=0.001": "ridge damping 0.001 (default 0.01)",
-    "cfsp+damping=0.1": "ridge damping 0.1 (default 0.01)",
-    "cfsp+exponent=0.25": "criterion exponent 0.25 on ||X_j|| (default 0.5)",
-    "cfsp+exponent=1.0": "criterion exponent 1 on ||X_j|| (default 0.5)",
-    "cfsp+control=0.5+damping=0.1": "control 0.5 + damping 0.1 (the proposed default)",
-    "cfsp+control=0.5+damping=0.1+stats=sequential": "control 0.5 + damping 0.1 + sequential",
+CHOICES = {  # (key, value) of a categorical override -> what it switches, against the default
+    ("reconstruct", "none"): "no reconstruction (LIAR off)",
+    ("reconstruct", "bias"): "bias-only compensation instead of LIAR (FLAP's)",
+    ("allocation", "uniform"): "uniform budget instead of the CFSP allocation",
+    ("allocation", "flap"): "FLAP's global threshold instead of the CFSP allocation",
+    ("criterion", "act_norm"): "activation-norm criterion instead of CFSP's",
+    ("criterion", "obs"): "error-aware (OBS) selection instead of the CFSP criterion",
+    ("stats", "sequential"): "sequential statistics (Grams on the pruned prefix, +1 F)",
+    ("stats", "target"): "dense-target refit (towards the dense stream)",
+    ("structures", "ffn+heads"): "attention heads pruned too (attention/FFN share)",
+}
+SETTINGS = {  # key of a numeric override -> what it sets
+    "control": "CFSP allocation control {}",
+    "damping": "ridge damping {}",
+    "exponent": "criterion exponent {} on ||X_j||",
 }
 
 
-def load_rows(paths: list[Path], source: str) -> tuple[list[dict], dict]:
+def describe(variant: str) -> str:
+    """What a `cfsp+key=value...` variant changes, one phrase per override."""
+    method, overrides = parse_variant(variant)
+    if method != DEFAULT or not overrides:
+        return variant
+    phrases = []
+    for key, value in overrides.items():
+        if (key, value) in CHOICES:
+            phrases.append(CHOICES[key, value])
+        elif key in SETTINGS:
+            phrases.append(SETTINGS[key].format(value))
+        else:
+            phrases.append(f"{key}={value}")
+    return " + ".join(phrases)
+
+
+def load_rows(paths: list[Path], source: str) -> list[dict]:
     """Every non-dense row of the files, first occurrence of a (variant, budget) kept; refuses
     files whose calibration or `source` evaluation windows differ."""
-    rows, seen, first = [], set(), None
+    rows, seen, first_key = [], set(), None
     for path in paths:
         result = read_json(path, expect=dict)
         windows = result.get("evaluation", {}).get(source)
         if windows is None:
             raise UsageError(f"{path} was not evaluated on {source!r}")
         key = (result["calibration"]["hash"], windows["hash"])
-        if first is None:
-            first = {"calibration": result["calibration"], "evaluation": windows, "key": key}
-        elif key != first["key"]:
+        if first_key is None:
+            first_key = key
+        elif key != first_key:
             raise UsageError(
                 f"{path} used other calibration or evaluation windows than {paths[0]}: "
                 "its rows are not comparable"
@@ -65,7 +77,7 @@ def load_rows(paths: list[Path], source: str) -> tuple[list[dict], dict]:
             if row["variant"] != "dense" and ident not in seen:
                 seen.add(ident)
                 rows.append(row)
-    return rows, first or {}
+    return rows
 
 
 def ablation_rows(rows: list[dict], source: str) -> list[dict]:
@@ -82,9 +94,7 @@ def ablation_rows(rows: list[dict], source: str) -> list[dict]:
             if r is not base:
                 ppl = r["ppl"][source]
                 change = f"{100 * (ppl / ppl0 - 1):+.1f}%"
-                table.append(
-                    _cells(budget, WHAT.get(r["variant"], r["variant"]), r["variant"], ppl, change)
-                )
+                table.append(_cells(budget, describe(r["variant"]), r["variant"], ppl, change))
     return table
 
 
@@ -104,7 +114,7 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--source", required=True, help="the evaluation source to compare on")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
     args = ap.parse_args(argv)
-    rows, _ = load_rows(args.results, args.source)
+    rows = load_rows(args.results, args.source)
     page = render_table(ablation_rows(rows, args.source)) + "\n"
     if args.out is not None:
         args.out.write_text(page)

@@ -33,6 +33,7 @@ from cfsp.config import SpeedConfig
 from cfsp.data import calibration_windows, evaluation_windows
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import prune_model
+from cfsp.engine.registry import ERROR_SELECTED
 from cfsp.evaluation.perplexity import perplexity
 from cfsp.evaluation.speed import macs_per_token, measure
 from cfsp.io import read_json, write_json
@@ -231,8 +232,6 @@ def result_config(cfg) -> dict:
     so a changed default redoes the rows that read it and only those (the CFSP allocation's
     temperature, control and floor; the CFSP criterion's exponent; the reconstruction's damping
     and statistics, damping also for an error-selected criterion; the seed of `random`)."""
-    from cfsp.engine.registry import ERROR_SELECTED
-
     fields = json.loads(cfg.model_dump_json())
     unread = set()
     if cfg.allocation != "cfsp":

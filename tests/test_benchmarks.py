@@ -1,8 +1,15 @@
 """A smoke run of the benchmark suite on a tiny model: every output, the targets, the resume."""
 
-from benchmarks.suite import main
+from pathlib import Path
+
+import pytest
+
+from benchmarks.ablation import main as ablation
+from benchmarks.compare import variant_config
+from benchmarks.suite import main, parse_args, result_config, settings_key
 from benchmarks.targets import check_targets
-from cfsp.io import read_json
+from cfsp.errors import UsageError
+from cfsp.io import read_json, write_json
 from tests.conftest import tiny_suite_argv
 
 
@@ -42,8 +49,6 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer)
     assert [r["ppl"] for r in again] == [r["ppl"] for r in rows]
 
     # A row measured under another config of its method (a default changed since) is redone.
-    from cfsp.io import write_json
-
     stale = tmp_path / "rows" / "flap+liar-p0.2.json"
     edited = read_json(stale)
     edited["config"]["damping"] = 0.5
@@ -126,8 +131,6 @@ def test_generic_targets_and_a_section_without_speed_or_rounded(tmp_path):
 
 
 def _compare_result(path, calib_hash: str, rows: list[tuple[str, float, float]]) -> None:
-    from cfsp.io import write_json
-
     write_json(
         path,
         {
@@ -142,11 +145,6 @@ def _compare_result(path, calib_hash: str, rows: list[tuple[str, float, float]])
 
 
 def test_ablation_sets_runs_side_by_side_and_refuses_other_windows(tmp_path):
-    import pytest
-
-    from benchmarks.ablation import main as ablation
-    from cfsp.errors import UsageError
-
     _compare_result(
         tmp_path / "a.json", "c1", [("cfsp", 0.2, 20.0), ("cfsp+reconstruct=none", 0.2, 30.0)]
     )
@@ -168,9 +166,6 @@ def test_ablation_sets_runs_side_by_side_and_refuses_other_windows(tmp_path):
 
 
 def test_result_config_keeps_what_a_method_reads():
-    from benchmarks.compare import variant_config
-    from benchmarks.suite import result_config
-
     default = result_config(variant_config("cfsp", 0.2))
     assert default["control"] == 1.0 and default["damping"] == 0.01 and "seed" not in default
     flatter = result_config(variant_config("cfsp+control=0.5", 0.2))
@@ -187,10 +182,6 @@ def test_result_config_keeps_what_a_method_reads():
 def test_committed_suite_rows_match_their_settings_key():
     """The rows in benchmarks/results were measured under the key the suite computes for the
     settings they record, so a re-run reuses them instead of redoing hours of rows."""
-    from pathlib import Path
-
-    from benchmarks.suite import parse_args, settings_key
-
     results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
     for name, rows in (("suite.json", "suite_rows"), ("gemma3_suite.json", "gemma3_rows")):
         settings = read_json(results / name)["settings"]
