@@ -247,16 +247,22 @@ def result_config(cfg) -> dict:
     return {k: v for k, v in fields.items() if k not in unread}
 
 
-def _cached(path: Path, key: str, compute, config: dict | None = None) -> dict:
+def _saved(path: Path, key: str, config: dict | None = None) -> dict | None:
     """The row saved at `path` if it was measured under the same settings and, for a pruned
-    row, the same resolved method config (a changed default recomputes the rows it touches);
-    else compute it and save it."""
+    row, the same resolved method config (a changed default invalidates the rows it touches)."""
     if path.is_file():
         row = read_json(path)
         if row.get("settings") == key and row.get("config") == config:
             return row
-    row = {**compute(), "settings": key, "config": config, "zeroshot": None}
-    write_json(path, row)
+    return None
+
+
+def _cached(path: Path, key: str, compute, config: dict | None = None) -> dict:
+    """The row saved at `path` (see `_saved`), else compute it and save it."""
+    row = _saved(path, key, config)
+    if row is None:
+        row = {**compute(), "settings": key, "config": config, "zeroshot": None}
+        write_json(path, row)
     return row
 
 
@@ -320,33 +326,44 @@ def main(argv=None) -> list[dict]:
     args.rows.mkdir(parents=True, exist_ok=True)
     dense_path = args.rows / "dense.json"
     dense = _cached(dense_path, suite.key, suite.dense_row)
-    rows = [_with_zeroshot(dense_path, dense, suite, lambda: suite.dense)]
-    for name in args.methods:
-        for budget in args.budgets:
-            path = args.rows / f"{name}-p{budget}.json"
-            config = result_config(variant_config(METHODS[name], budget))
-            row = _cached(path, suite.key, lambda n=name, b=budget: suite.row(n, b), config)
-            rows.append(
-                _with_zeroshot(
-                    path, row, suite, lambda n=name, b=budget: suite.pruned(METHODS[n], b)[0]
-                )
-            )
-            r = rows[-1]
-            speed = r["speed_bf16"] or {}
-            log.info(
-                "%s p=%.2f: wikitext2 %.2f botchan %.2f zero-shot %s time x%.2f bf16 x%s/%s",
-                r["method"],
-                r["budget"],
-                r["ppl"]["wikitext2"],
-                r["ppl"]["botchan"],
-                r["zeroshot"] and round(r["zeroshot"]["average"], 4),  # None until measured
-                r["time_ratio"],
-                speed.get("speedup"),
-                speed.get("ideal"),
-            )
-            write_outputs(args, suite, rows)
+    dense = _with_zeroshot(dense_path, dense, suite, lambda: suite.dense)
+    plan = {
+        (name, budget): (
+            args.rows / f"{name}-p{budget}.json",
+            result_config(variant_config(METHODS[name], budget)),
+        )
+        for name in args.methods
+        for budget in args.budgets
+    }
+    # Every row already measured under these settings is published from the start, so a run
+    # stopped part-way (e.g. while adding zero-shot columns) leaves a complete table behind.
+    done = {nb: _saved(path, suite.key, config) for nb, (path, config) in plan.items()}
+    write_outputs(args, suite, [dense, *(r for r in done.values() if r)])
+    for (name, budget), (path, config) in plan.items():
+        row = _cached(path, suite.key, lambda n=name, b=budget: suite.row(n, b), config)
+        done[name, budget] = _with_zeroshot(
+            path, row, suite, lambda n=name, b=budget: suite.pruned(METHODS[n], b)[0]
+        )
+        _log_row(done[name, budget])
+        write_outputs(args, suite, [dense, *(r for r in done.values() if r)])
+    rows = [dense, *done.values()]
     write_outputs(args, suite, rows)
     return rows
+
+
+def _log_row(r: dict) -> None:
+    speed = r["speed_bf16"] or {}
+    log.info(
+        "%s p=%.2f: wikitext2 %.2f botchan %.2f zero-shot %s time x%.2f bf16 x%s/%s",
+        r["method"],
+        r["budget"],
+        r["ppl"]["wikitext2"],
+        r["ppl"]["botchan"],
+        r["zeroshot"] and round(r["zeroshot"]["average"], 4),  # None until measured
+        r["time_ratio"],
+        speed.get("speedup"),
+        speed.get("ideal"),
+    )
 
 
 if __name__ == "__main__":
