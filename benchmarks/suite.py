@@ -231,7 +231,7 @@ def result_config(cfg) -> dict:
     """The fields of a method's config that its result depends on: what a saved row is keyed on,
     so a changed default redoes the rows that read it and only those (the CFSP allocation's
     temperature, control and floor; the CFSP criterion's exponent; the reconstruction's damping
-    and statistics, damping also for an error-selected criterion; the seed of `random`)."""
+    and statistics (damping only for LIAR or an error-selected criterion); the seed of `random`)."""
     fields = json.loads(cfg.model_dump_json())
     unread = set()
     if cfg.allocation != "cfsp":
@@ -240,8 +240,8 @@ def result_config(cfg) -> dict:
         unread.add("exponent")
     if cfg.reconstruct == "none":
         unread.add("stats")
-        if cfg.criterion not in ERROR_SELECTED:
-            unread.add("damping")
+    if cfg.reconstruct in ("none", "bias") and cfg.criterion not in ERROR_SELECTED:
+        unread.add("damping")  # only the least-squares refit and error-aware selection read it
     if cfg.criterion != "random":
         unread.add("seed")
     return {k: v for k, v in fields.items() if k not in unread}

@@ -59,7 +59,10 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer,
     write_json(stale, edited)
     stamps.pop(stale.name)
     main(argv)
-    assert read_json(stale)["config"]["damping"] == variant_config("flap+reconstruct=liar", 0.2).damping
+    assert (
+        read_json(stale)["config"]["damping"]
+        == variant_config("flap+reconstruct=liar", 0.2).damping
+    )
     assert {
         p.name: p.stat().st_mtime_ns for p in (tmp_path / "rows").iterdir() if p != stale
     } == stamps
@@ -190,6 +193,8 @@ def test_result_config_keeps_what_a_method_reads():
             variant_config(method + "+control=2", 0.2)
         )  # ...and not those whose allocation never reads it
     assert "damping" not in result_config(variant_config("magnitude", 0.2))
+    assert "damping" not in result_config(variant_config("flap", 0.2))  # bias-only: no solve
+    assert "damping" in result_config(variant_config("flap+reconstruct=liar", 0.2))
     assert "damping" in result_config(variant_config("cfsp+criterion=obs+reconstruct=none", 0.2))
     assert "seed" in result_config(variant_config("random", 0.2))
 
