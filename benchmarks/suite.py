@@ -338,16 +338,20 @@ def main(argv=None) -> list[dict]:
     # Every row already measured under these settings is published from the start, so a run
     # stopped part-way (e.g. while adding zero-shot columns) leaves a complete table behind.
     done = {nb: _saved(path, suite.key, config) for nb, (path, config) in plan.items()}
-    write_outputs(args, suite, [dense, *(r for r in done.values() if r)])
+
+    def publish() -> list[dict]:
+        rows = [dense, *(r for r in done.values() if r)]
+        write_outputs(args, suite, rows)
+        return rows
+
+    rows = publish()
     for (name, budget), (path, config) in plan.items():
         row = _cached(path, suite.key, lambda n=name, b=budget: suite.row(n, b), config)
         done[name, budget] = _with_zeroshot(
             path, row, suite, lambda n=name, b=budget: suite.pruned(METHODS[n], b)[0]
         )
         _log_row(done[name, budget])
-        write_outputs(args, suite, [dense, *(r for r in done.values() if r)])
-    rows = [dense, *done.values()]
-    write_outputs(args, suite, rows)
+        rows = publish()  # after the last row: every planned row, the final outputs
     return rows
 
 
