@@ -165,6 +165,36 @@ def test_blocks_are_released_after_use(tmp_path):
     assert all(p.is_meta for p in skeleton.parameters())
 
 
+def test_prefetch_spans_are_the_tensors_bytes(tmp_path):
+    """The byte ranges the prefetch hint names are each tensor's data in its shard, and the
+    hint neither changes what is read nor fails on a file that vanished."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from cfsp.engine.streamed_weights import prefetch_file, tensor_spans
+
+    tensors = {
+        "a": torch.arange(6, dtype=torch.float32),
+        "b": torch.ones(2, 3, dtype=torch.bfloat16),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    spans = tensor_spans(tmp_path / "model.safetensors")
+    assert set(spans) == {"a", "b"}
+    offset, length = spans["a"]
+    assert np.frombuffer(data[offset : offset + length], dtype=np.float32).tolist() == list(
+        range(6)
+    )
+    assert spans["b"][1] == 6 * 2
+    reader = CheckpointReader(tmp_path)
+    reader.prefetch(["a", "b"])
+    got = reader.read(["a", "b"], torch.device("cpu"), torch.float32)
+    assert torch.equal(got["a"], tensors["a"]) and torch.equal(got["b"], tensors["b"].float())
+    (tmp_path / "model.safetensors").unlink()
+    reader.prefetch(["a"])  # a hint: nothing raised for a file that is gone
+    prefetch_file(tmp_path / "gone.safetensors")
+
+
 def test_loading_a_block_while_another_thread_builds_a_skeleton(tmp_path):
     """Two stages stream in two threads (`cfsp run`): accelerate's init_empty_weights, active
     while one builds its skeleton, must not put the other's freshly loaded weights on meta."""

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cfsp.devices import math_dtype
+from cfsp.devices import factories_on, math_dtype
 from cfsp.engine.plan import BlockPlan
 from cfsp.engine.reconstruct import damped_cholesky
 from cfsp.engine.slicing import apply_plan
@@ -184,7 +184,7 @@ def refit_block(adapter, block, plan: BlockPlan, cfg, head_dim: int, stream, mid
 def _collect(block, module, hiddens, kwargs_list, goals, before) -> TargetMoments:
     """Moments of `module`'s inputs on the pruned stream and its targets goals[j] - h~_j
     (minus the output of `before`, the refit o_proj, when the goal lies past it)."""
-    with torch.device(module.weight.device):
+    with factories_on(module.weight.device):
         moments = TargetMoments.empty(module.in_features, module.out_features)
     seen: dict = {}
 

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import torch
 
+from cfsp.devices import factories_on
 from cfsp.engine.statistics import BlockStats, ChannelStats, angular_distance
 from cfsp.engine.target import Target
 
@@ -114,7 +115,7 @@ def run_block(
     `empty(n)` makes the statistics of n input channels (the streamed engine's first pass keeps
     O(n) moments instead of the Gram matrix); `empty_o` those of o_proj's (default `empty`).
     """
-    with torch.device(parts.o.weight.device):  # the statistics live where the block runs
+    with factories_on(parts.o.weight.device):  # the statistics live where the block runs
         o_stats = (empty_o or empty)(parts.o.in_features)
         down_stats = empty(parts.down.in_features)
     hooks = [

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 from cfsp.config import PruneConfig
-from cfsp.devices import bound_host_heap, trim_host_heap
+from cfsp.devices import bound_host_heap, factories_on, trim_host_heap
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.dense_target import DenseRecorder, dense_targets, refit_block, target_stats
 from cfsp.engine.driver import (
@@ -81,6 +81,7 @@ from cfsp.engine.streamed_layout import (
 )
 from cfsp.engine.streamed_spill import (
     GramMoments,
+    block_file,
     read_block,
     read_targets,
     write_block,
@@ -94,6 +95,7 @@ from cfsp.engine.streamed_weights import (
     empty_model,
     load_into,
     module_names,
+    prefetch_file,
     release,
 )
 from cfsp.engine.target import Target
@@ -140,6 +142,15 @@ class Stream:
 
     def load(self, module) -> None:
         load_into(module, self.prefix(module), self.reader, self.device, self.dtype)
+
+    def prefetch(self, index: int) -> None:
+        """Start reading block `index`'s weights from disk while the current block computes
+        (a hint to the kernel, see CheckpointReader.prefetch); nothing past the last block."""
+        layers = self.layers()
+        if index < len(layers):
+            block = layers[index]
+            prefix = self.prefix(block)
+            self.reader.prefetch([prefix + name for name, _ in block.named_parameters()])
 
 
 def open_stream(directory: Path, config, dtype, device, batch_size: int) -> Stream:
@@ -240,6 +251,7 @@ def pass_one(
     for index, block in enumerate(_bar(stream.layers(), "pass 1")):
         t0 = time.perf_counter()
         stream.load(block)
+        stream.prefetch(index + 1)
         parts = stream.adapter.parts(block)
         if targets is None:
             stats = block_moments(block, parts, hiddens, kwargs_list, stream.device, empty, empty_o)
@@ -302,7 +314,8 @@ def score_blocks(stream: Stream, moments: list[BlockStats], cfg: PruneConfig) ->
     score, scores = scorer(stream, cfg), []
     for index, block in enumerate(stream.layers()):
         stream.load(block)
-        with torch.device(stream.device):
+        stream.prefetch(index + 1)
+        with factories_on(stream.device):
             scores.append(score(index, stream.adapter.parts(block), moments[index]))
         release(block)
     return scores
@@ -364,6 +377,9 @@ def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first
         t0 = time.perf_counter()
         prefix = stream.prefix(block)
         stream.load(block)
+        stream.prefetch(index + 1)
+        if spill is not None and not walks and index + 1 < len(plans):
+            prefetch_file(block_file(spill.folder, index + 1))
         stats = goals = None
         if dense_walk is not None:  # no targets file: the dense block runs here first
             goals = dense_targets(block, stream.adapter.parts(block), dense_walk, kwargs_list)
@@ -373,7 +389,7 @@ def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first
             stats = read_block(spill.folder, index, spill.digests[index], stream.device)
         # factories inside cfsp's functions on the device; the lock: slicing creates modules
         # and parameters, which must not meet another thread's skeleton build (empty_model)
-        with _LOAD_LOCK, torch.device(stream.device):
+        with _LOAD_LOCK, factories_on(stream.device):
             row = prune_one(stream, block, plan, cfg, stats, hiddens, kwargs_list, goals)
         del goals
         row = {"block": index, **row}

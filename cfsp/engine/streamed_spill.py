@@ -66,7 +66,7 @@ class GramMoments(ChannelMoments):
 
     @classmethod
     def empty(cls, n: int) -> GramMoments:
-        """Zeros on the current default device (the caller's `with torch.device(...)`)."""
+        """Zeros on the current default device (the caller's `cfsp.devices.factories_on`)."""
         z = torch.zeros(n, dtype=torch.float64)
         return cls(0, z, None, z.clone())
 

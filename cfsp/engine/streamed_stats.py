@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cfsp.devices import factories_on
 from cfsp.engine.capture import peak_rss_mib
 from cfsp.engine.statistics import BlockStats, ChannelStats, channel_sums
 from cfsp.engine.stream import run_block
@@ -34,7 +35,7 @@ class ChannelMoments(ChannelStats):
 
     @classmethod
     def empty(cls, n: int) -> ChannelMoments:
-        """Zeros on the current default device (the caller's `with torch.device(...)`)."""
+        """Zeros on the current default device (the caller's `cfsp.devices.factories_on`)."""
         z = torch.zeros(n, dtype=torch.float64)
         return cls(0, z, None, z.clone())
 
@@ -66,7 +67,7 @@ def block_moments(
     """Run one block over every batch (outputs replace inputs): its angular distance and the
     statistics of the down_proj / o_proj inputs made by `empty` / `empty_o` (default: `empty`;
     O(width) moments by default, cfsp.engine.streamed_spill.GramMoments adds the Gram)."""
-    with torch.device(device):
+    with factories_on(device):
         return run_block(block, parts, hiddens, kwargs_list, empty=empty, empty_o=empty_o)
 
 
