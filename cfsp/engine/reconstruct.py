@@ -138,7 +138,7 @@ def relative_error(
     w, b = _float_rows(weight, bias, rows)
     device = w.device
     delta = w.clone()
-    delta[:, torch.as_tensor(keep, device=device)] -= _rows(new_weight.to(device).float(), rows)
+    delta[:, torch.as_tensor(keep, device=device)] -= _rows(new_weight.to(device), rows).float()
     changed = (delta != 0).any(0).nonzero().squeeze(1)
     total = output_energy(weight, bias, stats) if total is None else total
     delta_b = b - _rows(new_bias.to(device).float(), rows)
@@ -157,7 +157,7 @@ def _rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
 
 def _float_rows(weight, bias, rows) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight and bias (zeros when None) in float32, restricted to `rows`."""
-    w = _rows(weight.detach().float(), rows)
+    w = _rows(weight.detach(), rows).float()  # the rows first: no float copy of the whole
     b = torch.zeros(w.shape[0], device=w.device) if bias is None else _rows(bias.detach(), rows)
     return w, b.float()
 
