@@ -278,9 +278,17 @@ def _with_zeroshot(path: Path, row: dict, suite: Suite, model_fn) -> dict:
     return row
 
 
+def _portable(value) -> str:
+    """A setting as text; a path inside this repository relative to its root, so that the
+    committed result renders the same links from any checkout (benchmarks.targets)."""
+    if isinstance(value, Path) and value.resolve().is_relative_to(HERE.parent):
+        return str(value.resolve().relative_to(HERE.parent))
+    return str(value)
+
+
 def write_outputs(args, suite: Suite, rows: list[dict]) -> None:
     payload = {
-        "settings": {k: str(v) for k, v in vars(args).items()},
+        "settings": {k: _portable(v) for k, v in vars(args).items()},
         "settings_key": suite.key,
         # This process's own timings; a cached row was timed by the process that computed it
         # (its time_ratio, forward_s and capture_s).

@@ -68,6 +68,7 @@ def _lowest_everywhere(rows: list[dict], budgets: list[float]) -> list[dict]:
 # The numeric targets of the benchmark issue were set for SmolLM2-135M ("smollm2"); other models
 # are held to the targets that do not depend on the model ("generic": lowest perplexity, best
 # accuracy, pruning time).
+REPO = Path(__file__).resolve().parent.parent  # recorded relative paths start here
 TARGET_MODEL = "smollm2-135m"
 TARGET_SETS = ("smollm2", "generic")
 
@@ -207,8 +208,10 @@ def scale_section(md_dir: Path) -> list[str]:
         "included; `engine ratio`: its passes alone) against one dense forward over the same "
         "calibration tokens in another process, peak RSS of the process tree, bytes of "
         "statistics spilled (`python -m benchmarks.scale measure --shape S`). Run one after the "
-        "other on a quiet machine (load ~1.5); the dense forward of one shape varied by up to "
-        "35% between runs, so each ratio is good to about that.",
+        "other on a quiet machine (load ~1.5); the dense forward is the median of up to three "
+        "runs while they take under 30 s in all, one run above; a single forward of one shape "
+        "has varied by up to 45% between sessions on this VM, so each ratio is good to about "
+        "that.",
         "",
         table.read_text().strip(),
         "",
@@ -250,7 +253,7 @@ def _section(payload: dict, md_dir: Path) -> list[str]:
         f"versions {payload['versions']}.",
         "",
         f"Reproduce: `python -m benchmarks.suite{_reproduce_flags(st, md_dir)}` (rows are cached "
-        f"in {os.path.relpath(st['rows'], md_dir)}; a stopped run resumes).",
+        f"in {_link(st['rows'], md_dir)}; a stopped run resumes).",
         "",
         f"### Targets ({st['model']})",
         "",
@@ -260,7 +263,7 @@ def _section(payload: dict, md_dir: Path) -> list[str]:
         "",
         render_table([row_cells(r, st["round_to"]) for r in rows]),
         "",
-        f"![perplexity vs budget, {st['model']}]({os.path.relpath(st['plot'], md_dir)})",
+        f"![perplexity vs budget, {st['model']}]({_link(st['plot'], md_dir)})",
         "",
     ]
     return lines + _zeroshot_lines(rows)
@@ -275,9 +278,15 @@ def _reproduce_flags(st: dict, md_dir: Path) -> str:
     flags += [f"--botchan-windows {st['botchan_windows']}", f"--tasks '{st['tasks']}'"]
     flags += [f"--{k.replace('_', '-')}" for k in ("no_speed", "no_rounded") if st.get(k) == "True"]
     flags += [f"--targets {st['targets']}"] if "targets" in st else []
-    paths = {k: os.path.relpath(st[k], md_dir) for k in ("rows", "out", "plot")}
+    paths = {k: _link(st[k], md_dir) for k in ("rows", "out", "plot")}
     flags += [f"--{k} {v}" for k, v in paths.items()]
     return " " + " ".join(flags)
+
+
+def _link(path: str, md_dir: Path) -> str:
+    """A recorded path (relative ones are relative to the repository root) as seen from the
+    markdown file's folder."""
+    return os.path.relpath(REPO / path, md_dir)
 
 
 def _zeroshot_lines(rows: list[dict]) -> list[str]:

@@ -217,3 +217,16 @@ def test_committed_suite_rows_match_their_settings_key():
         ]
         key = settings_key(parse_args(argv))
         assert read_json(results / rows / "dense.json")["settings"] == key, name
+
+
+def test_recorded_paths_render_from_any_checkout(tmp_path):
+    """Paths inside the repository are recorded relative to its root, so the committed result
+    links the same files wherever it is rendered; paths outside stay absolute."""
+    from benchmarks.suite import HERE, _portable
+    from benchmarks.targets import REPO, _link
+
+    inside = HERE / "results" / "suite_rows"
+    assert _portable(inside) == "benchmarks/results/suite_rows"
+    assert _portable(tmp_path / "rows") == str(tmp_path / "rows") and _portable(8) == "8"
+    assert _link("benchmarks/results/suite_rows", REPO) == "benchmarks/results/suite_rows"
+    assert _link(str(tmp_path / "out" / "x.png"), tmp_path / "out") == "x.png"
