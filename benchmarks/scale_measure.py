@@ -225,7 +225,7 @@ def _row(args, model_dir, out, run, maxrss, forward, machine) -> dict:
         "prune_timings_s": timings,
         "engine_s": round(sum(timings.values()), 2),
         "dense_forward_s": forward["forward_s"],
-        "dense_forward_runs_s": forward.get("forward_runs_s"),
+        "dense_forward_runs_s": forward["forward_runs_s"],
         "time_ratio": round(run["wall_s"] / forward["forward_s"], 2),
         "engine_ratio": round(sum(timings.values()) / forward["forward_s"], 2),
         "peak_rss_bytes": run["peak_rss_bytes"],

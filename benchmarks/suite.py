@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.compare import dense_forward_seconds, variant_config
-from benchmarks.targets import TARGET_SETS, check_targets, render_markdown
+from benchmarks.targets import REPO, TARGET_SETS, check_targets, render_markdown
 from cfsp.config import SpeedConfig
 from cfsp.data import calibration_windows, evaluation_windows
 from cfsp.engine.capture import capture
@@ -281,8 +281,8 @@ def _with_zeroshot(path: Path, row: dict, suite: Suite, model_fn) -> dict:
 def _portable(value) -> str:
     """A setting as text; a path inside this repository relative to its root, so that the
     committed result renders the same links from any checkout (benchmarks.targets)."""
-    if isinstance(value, Path) and value.resolve().is_relative_to(HERE.parent):
-        return str(value.resolve().relative_to(HERE.parent))
+    if isinstance(value, Path) and value.resolve().is_relative_to(REPO):
+        return str(value.resolve().relative_to(REPO))
     return str(value)
 
 

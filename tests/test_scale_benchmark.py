@@ -74,7 +74,8 @@ def test_measure_records_a_row_table_and_plot(tmp_path, tiny_tokenizer):
     assert row["prune_wall_s"] > 0 and row["dense_forward_s"] > 0
     assert row["time_ratio"] == round(row["prune_wall_s"] / row["dense_forward_s"], 2)
     assert row["peak_rss_bytes"] > 50e6 and row["maxrss_bytes"] > 50e6  # a Python with torch
-    assert row["peak_device_bytes"] is None and row["stats_bytes"] >= 0  # on the CPU
+    # On the CPU; the tiny run's spill lives for well under the 2 s between scratch-folder polls.
+    assert row["peak_device_bytes"] is None and row["stats_bytes"] == 0
     assert row["engine"] == "streamed"  # cfsp prune's engine for a directory, from its manifest
     assert len(row["dense_forward_runs_s"]) == 3  # short forwards: the median of three
     assert row["dense_finite"] and row["output_finite"]

@@ -92,6 +92,7 @@ from cfsp.engine.streamed_weights import (
     CheckpointReader,
     ShardWriter,
     buffers_to,
+    checkpoint_names,
     empty_model,
     load_into,
     module_names,
@@ -149,8 +150,7 @@ class Stream:
         layers = self.layers()
         if index < len(layers):
             block = layers[index]
-            prefix = self.prefix(block)
-            self.reader.prefetch([prefix + name for name, _ in block.named_parameters()])
+            self.reader.prefetch(checkpoint_names(block, self.prefix(block)))
 
 
 def open_stream(directory: Path, config, dtype, device, batch_size: int) -> Stream:
@@ -378,7 +378,7 @@ def pass_two(stream: Stream, ids, cfg: PruneConfig, plans, layout, writer, first
         prefix = stream.prefix(block)
         stream.load(block)
         stream.prefetch(index + 1)
-        if spill is not None and not walks and index + 1 < len(plans):
+        if not walks and index + 1 < len(plans):  # the Gram file read below, one block ahead
             prefetch_file(block_file(spill.folder, index + 1))
         stats = goals = None
         if dense_walk is not None:  # no targets file: the dense block runs here first

@@ -93,15 +93,17 @@ class CheckpointReader:
         (POSIX_FADV_WILLNEED: returns at once, the disk works while the current block
         computes), so that the `read` of the next block finds them in memory. Only a hint:
         where the platform has no posix_fadvise nothing happens, and `read` is unchanged."""
-        if not hasattr(os, "posix_fadvise"):
-            return
         for path, group in self._by_file(names).items():
-            with contextlib.suppress(OSError, ValueError, KeyError), _opened(path) as fd:
-                if path not in self._spans:
+            if path not in self._spans:
+                with contextlib.suppress(OSError, ValueError, KeyError):
                     self._spans[path] = tensor_spans(path)
-                for name in group:
-                    offset, length = self._spans[path][name]
-                    os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            spans = self._spans.get(path, {})
+            _will_need(path, [spans[name] for name in group if name in spans])
+
+
+def checkpoint_names(module: nn.Module, prefix: str) -> list[str]:
+    """The checkpoint names of `module`'s parameters (what `load_into` reads)."""
+    return [prefix + name for name, _ in module.named_parameters()]
 
 
 def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
@@ -120,18 +122,21 @@ def tensor_spans(path: Path) -> dict[str, tuple[int, int]]:
 
 def prefetch_file(path: Path) -> None:
     """POSIX_FADV_WILLNEED on a whole file (see CheckpointReader.prefetch); a hint only."""
-    if hasattr(os, "posix_fadvise"):
-        with contextlib.suppress(OSError), _opened(path) as fd:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    _will_need(path, [(0, 0)])  # length 0: to the end of the file
 
 
-@contextlib.contextmanager
-def _opened(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        yield fd
-    finally:
-        os.close(fd)
+def _will_need(path: Path, spans: list[tuple[int, int]]) -> None:
+    """POSIX_FADV_WILLNEED on these (offset, length) spans of `path`; nothing where the
+    platform lacks posix_fadvise or the file cannot be opened (a hint, never an error)."""
+    if not spans or not hasattr(os, "posix_fadvise"):
+        return
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset, length in spans:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
 
 
 def empty_model(config, dtype: torch.dtype) -> nn.Module:
@@ -161,8 +166,7 @@ def module_names(model: nn.Module) -> dict[int, str]:
 
 def load_into(module: nn.Module, prefix: str, reader: CheckpointReader, device, dtype) -> None:
     """Give `module`'s parameters the checkpoint's tensors `prefix + name` (on `device`)."""
-    names = [prefix + n for n, _ in module.named_parameters()]
-    tensors = reader.read(names, device, dtype)
+    tensors = reader.read(checkpoint_names(module, prefix), device, dtype)
     # Straight into `_parameters`, as `release` does: `setattr` / load_state_dict(assign=True)
     # go through nn.Module.register_parameter, which accelerate's init_empty_weights patches
     # process-wide while another thread builds a skeleton (the tensor would land on meta).
