@@ -3,6 +3,10 @@
 ppl = exp( sum_w sum_{t=1}^{L-1} -log p(x_{w,t} | x_{w,<t}) / (W * (L - 1)) )
 Every window starts fresh (no carried context), so the first token of each window is not
 scored; the numbers depend strongly on L, which is therefore always reported.
+Memory: a batch's logits are [B, L, V] float32, and the loss needs ~3 copies of that size (the
+logits, the shifted slice, the log-softmax), so B is also capped by `LOGITS_BYTES` of logits: at
+Gemma 3's V = 262,144 and L = 128, 4096 tokens of logits are 4.3 GB (13 GB at the peak), while
+the model itself is 1 GB.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from tqdm.auto import tqdm
 
 from cfsp.data import TokenWindows
 
+LOGITS_BYTES = 512 * 2**20  # float32 logits of one batch, at most (one window always fits)
+
 
 @torch.no_grad()
 def perplexity(
@@ -28,7 +34,7 @@ def perplexity(
     """Return {ppl, nll, tokens_scored, windows, seqlen, wall_s} for `windows.ids` [W, L]."""
     ids = windows.ids
     count, seqlen = ids.shape
-    batch = max(1, batch_tokens // seqlen)
+    batch = batch_windows(model, seqlen, batch_tokens)
     device = next(model.parameters()).device
     total_nll, total_tokens = 0.0, 0
     start = time.perf_counter()
@@ -52,3 +58,11 @@ def perplexity(
         "seqlen": seqlen,
         "wall_s": round(time.perf_counter() - start, 3),
     }
+
+
+def batch_windows(model, seqlen: int, batch_tokens: int) -> int:
+    """Windows per forward: `batch_tokens` tokens, fewer when their float32 logits would exceed
+    `LOGITS_BYTES` (large vocabularies), at least one."""
+    head = model.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+    return max(1, min(batch_tokens // seqlen, LOGITS_BYTES // (seqlen * vocab * 4)))
