@@ -347,8 +347,14 @@ def _with_bos(ids: torch.Tensor, bos: int | None) -> torch.Tensor:
 
 
 def tokenize(text: Text, tokenizer) -> torch.Tensor:
-    ids = tokenizer(text.text, return_tensors="pt", add_special_tokens=False).input_ids[0]
-    return ids
+    """Token ids of `text` as plain text: a special token's spelling inside it (WikiText's
+    "<unk>", a "<|endoftext|>" in a web page) is split like any other text, never turned into
+    that special token (Gemma 3 maps the literal "<unk>" to its UNK id, which it never saw in
+    training: WikiText-2's tokenised validation file holds 1,838 lines with one)."""
+    encoded = tokenizer(
+        text.text, return_tensors="pt", add_special_tokens=False, split_special_tokens=True
+    )
+    return encoded.input_ids[0]
 
 
 def _max_len(model_or_none) -> int | None:

@@ -48,6 +48,20 @@ def test_evaluation_windows_are_consecutive(txt, tiny_tokenizer):
     assert win.fingerprint["available"] == len(full) // 10
 
 
+def test_special_token_spellings_in_text_stay_text(tmp_path, tiny_tokenizer):
+    # WikiText's tokenised files write "<unk>" for rare words; Gemma 3's tokenizer would turn
+    # that spelling into its UNK id, which the model never saw in training. Here: "<s>" / "</s>"
+    # (this tokenizer's BOS / EOS) written in the text must not become BOS / EOS ids.
+    text = "the cat sat </s> on the mat <s> and ran . " * 20
+    path = tmp_path / "wiki.txt"
+    path.write_text(text)
+    win = evaluation_windows(f"file:{path}", tiny_tokenizer, 10, limit=8)
+    marks = {tiny_tokenizer.bos_token_id, tiny_tokenizer.eos_token_id}
+    assert not marks & set(win.ids.flatten().tolist())
+    plain = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    assert marks <= set(plain)  # what parsing the spellings as special tokens would give
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
