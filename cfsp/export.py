@@ -24,6 +24,7 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import time
 from pathlib import Path
 
@@ -467,7 +468,7 @@ def verify_checkpoint(directory: str | Path, attempts: int = 5) -> list[str]:
     versions is never reported as a verdict on either.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
+    if _names_a_non_directory(directory):
         raise UsageError(f"{directory} is not a checkpoint directory")
     error: Exception | None = None
     missing = 0  # attempts that found no directory at all
@@ -492,6 +493,15 @@ def verify_checkpoint(directory: str | Path, attempts: int = 5) -> list[str]:
     if error is not None:
         raise error
     raise CfspError(f"{directory} kept changing while it was verified; try again")
+
+
+def _names_a_non_directory(path: Path) -> bool:
+    """Whether `path` exists and is not a directory, from ONE stat: `exists()` then `is_dir()`
+    could see a checkpoint that is being replaced (two renames) and then its missing name."""
+    try:
+        return not stat.S_ISDIR(path.stat().st_mode)
+    except OSError:  # missing (or unreadable): the verify loop reports it
+        return False
 
 
 def _identity(directory: Path) -> tuple[int, int, int] | None:

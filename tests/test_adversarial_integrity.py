@@ -449,6 +449,18 @@ def test_verify_while_the_checkpoint_is_replaced(ckpt, tmp_path):
     assert [] in verdicts and hidden(tmp_path) == []
 
 
+def test_non_directory_check_is_one_stat(tmp_path):
+    """The verify's first check reads the path once (exists-then-is_dir saw a checkpoint being
+    replaced as present, then as "not a directory": a false usage error, seen once in CI)."""
+    from cfsp.export import _names_a_non_directory
+
+    (tmp_path / "file").write_text("x")
+    assert _names_a_non_directory(tmp_path / "file")
+    assert not _names_a_non_directory(tmp_path)
+    assert not _names_a_non_directory(tmp_path / "missing")
+    assert not _names_a_non_directory(tmp_path / "file" / "below")  # parent is a file
+
+
 def test_two_runs_started_together_in_a_fresh_folder(proj, tmp_path):
     """Both create the MLflow sqlite database and its experiment (a schema-migration race
     without the file lock: "Online migration expected to match one row") and both succeed.
