@@ -134,6 +134,11 @@ def test_windows_start_with_bos_where_the_tokenizer_adds_one(txt, tiny_tokenizer
     ev = evaluation_windows(txt, with_bos, 10)
     assert (ev.ids[:, 0] == bos).all() and ev.fingerprint["bos"] == bos
     assert "bos" not in plain.fingerprint
-    assert torch.equal(ev.ids[:, 1:].flatten(), plain.ids.flatten()[: ev.ids[:, 1:].numel()])
+    # Against the whole token stream, not `plain`'s windows: the tiny tokenizer's BPE training
+    # differs from process to process, and 10-token windows can cover fewer tokens than 9-token
+    # bodies (N = 1049: 1040 vs 1044), which made this comparison fail now and then.
+    full = tiny_tokenizer(TEXT, add_special_tokens=False).input_ids
+    body = ev.ids[:, 1:].flatten().tolist()
+    assert body == full[: len(body)] and len(body) == len(full) // 9 * 9
     cal = calibration_windows(txt, with_bos, 5, 10, seed=1)
     assert cal.ids.shape == (5, 10) and (cal.ids[:, 0] == bos).all()
