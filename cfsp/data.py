@@ -455,9 +455,11 @@ def generate_windows(
     """
     torch.manual_seed(seed)
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    # Keep the BOS the model was prompted with where its tokenizer puts one before text.
+    skip = 0 if leading_bos(tokenizer) is not None else 1
     out = []
-    for first in range(0, nsamples, batch_size):
-        n = min(batch_size, nsamples - first)
+    for offset in range(0, nsamples, batch_size):
+        n = min(batch_size, nsamples - offset)
         prompt = torch.full((n, 1), start, dtype=torch.long, device=model.device)
         seqs = model.generate(
             prompt,
@@ -470,7 +472,5 @@ def generate_windows(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=None,
         )
-        # Keep the BOS the model was prompted with where its tokenizer puts one before text.
-        first = 0 if leading_bos(tokenizer) is not None else 1
-        out.append(seqs[:, first : first + seqlen].cpu())  # windows live on the CPU
+        out.append(seqs[:, skip : skip + seqlen].cpu())  # windows live on the CPU
     return torch.cat(out)

@@ -221,3 +221,42 @@ def test_no_request_bar_off_a_terminal(model, tiny_tokenizer, capfd):
     # The bar draws "Running loglikelihood requests:  33%|..."; lm-eval's log line of the same
     # words (when a test before set up logging) is no bar.
     assert not re.search(r"loglikelihood requests: +\d+%", capfd.readouterr().err)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma3-kv1", "phi3-gqa"])
+def test_continuation_scoring_equals_lm_eval(name, tiny_tokenizer):
+    """ContinuationHFLM computes the head on the continuation positions only; its answers equal
+    stock HFLM's, with batches of mixed lengths and contexts left-truncated at max_length."""
+    from lm_eval.models.huggingface import HFLM
+
+    from cfsp.evaluation.zeroshot_lm import ContinuationHFLM
+
+    model = tiny_model(name)
+    gen = torch.Generator().manual_seed(0)
+    requests = []
+    for n_ctx, n_cont in [(3, 1), (12, 5), (7, 2), (30, 4), (1, 9), (20, 20), (5, 3)]:
+        ids = torch.randint(3, 128, (n_ctx + n_cont,), generator=gen).tolist()
+        requests.append(((f"c{n_ctx}", f"x{n_cont}"), ids[:n_ctx], ids[n_ctx:]))
+    for batch in (1, 3):
+        for max_length in (256, 24):  # 24: the longest requests lose context on the left
+            ours = ContinuationHFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=batch)
+            stock = HFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=batch)
+            ours._max_length = stock._max_length = max_length
+            got = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+            want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+            assert [g for _, g in got] == [w for _, w in want]
+            assert [s for s, _ in got] == pytest.approx([s for s, _ in want], rel=1e-5, abs=1e-4)
+    assert len({round(s, 3) for s, _ in got}) == len(requests)  # not one repeated value
+
+
+def test_continuation_scoring_asks_for_the_continuation_logits_only(tiny_tokenizer):
+    from cfsp.evaluation.zeroshot_lm import ContinuationHFLM
+
+    model = tiny_model("llama-gqa")
+    rows = []
+    model.lm_head.register_forward_hook(lambda m, args, out: rows.append(tuple(args[0].shape)))
+    lm = ContinuationHFLM(pretrained=model, tokenizer=tiny_tokenizer, batch_size=2)
+    requests = [(None, list(range(3, 40)), [5, 6]), (None, list(range(3, 38)), [7, 8, 9])]
+    lm._loglikelihood_tokens(requests, disable_tqdm=True)
+    # inputs 38 and 37 tokens long; continuations start at 36 and 34: the head sees 34..37
+    assert rows == [(2, 4, 48)]

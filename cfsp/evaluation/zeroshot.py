@@ -10,9 +10,10 @@ works with the plain CLI: `lm_eval --model hf --model_args pretrained=DIR --task
 too; they get the ARC prompt.
 
 `zeroshot` scores an in-memory transformers model (pruned models can have per-block widths that
-stock loading cannot build) with `HFLM(pretrained=model)` and `lm_eval.simple_evaluate` over a
-temporary export. Prompts that differ from lm-eval's (HellaSwag only, from its derived data) are
-listed in `DEVIATIONS`.
+stock loading cannot build) with lm-eval's HFLM (as `ContinuationHFLM`, which computes the LM
+head on the scored positions only) and `lm_eval.simple_evaluate` over a temporary export.
+Prompts that differ from lm-eval's (HellaSwag only, from its derived data) are listed in
+`DEVIATIONS`.
 """
 
 from __future__ import annotations
@@ -348,10 +349,11 @@ def zeroshot(
     with tempfile.TemporaryDirectory(prefix="cfsp-zeroshot-") as tmp:
         folder = export_tasks(Path(tmp) / "tasks", data_dir, extra_arc, names)
         import lm_eval
-        from lm_eval.models.huggingface import HFLM
         from lm_eval.tasks import TaskManager
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        from cfsp.evaluation.zeroshot_lm import ContinuationHFLM
+
+        lm = ContinuationHFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         _bars_on_terminal_only(lm)
         results = lm_eval.simple_evaluate(
             model=lm,
