@@ -250,12 +250,49 @@ def _machine() -> dict:
     return {
         "cpus": os.cpu_count(),
         "memory_bytes": psutil.virtual_memory().total,
+        "host": host_cpu(),
         "load_avg_at_start": [round(x, 2) for x in os.getloadavg()],
     }
 
 
+# Rows measured before the host was recorded: sessions whose CPU had AMX (README, "Measured").
+OLD_HOST = "x86 with AMX-BF16"
+
+
+def host_cpu() -> str:
+    """The CPU's model name and its bf16 matrix unit. The ratio to a bf16 forward depends on
+    it: AMX runs the forward's bf16 products ~2x faster than AVX512-BF16, the float32 solves
+    of the refit not at all."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    model = next(
+        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
+        "?",
+    )
+    flags = set(
+        next(
+            (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
+        )
+    )
+    unit = (
+        "AMX-BF16"
+        if "amx_bf16" in flags
+        else "AVX512-BF16"
+        if "avx512_bf16" in flags
+        else "no bf16 unit"
+    )
+    return f"{model}, {unit}"
+
+
+def row_host(row: dict) -> str:
+    return row.get("machine", {}).get("host", OLD_HOST)
+
+
 def _key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("shape", "dtype", "budget", "nsamples", "seqlen", "engine"))
+    keys = ("shape", "dtype", "budget", "nsamples", "seqlen", "engine")
+    return (*(row.get(k) for k in keys), row_host(row))
 
 
 def save_row(path: Path, row: dict) -> None:
@@ -263,23 +300,24 @@ def save_row(path: Path, row: dict) -> None:
 
     rows = read_json(path, expect=dict).get("rows", []) if path.is_file() else []
     rows = [r for r in rows if _key(r) != _key(row)] + [row]
-    write_json(path, {"rows": sorted(rows, key=lambda r: (r["engine"], r["params"]))})
+    order = sorted(rows, key=lambda r: (row_host(r), r["engine"], r["params"]))
+    write_json(path, {"rows": order})
 
 
 def markdown_table(rows: list[dict]) -> str:
     head = (
-        "| engine | shape | params | weights GB | N x L | prune s | dense fwd s | ratio "
+        "| host | engine | shape | params | weights GB | N x L | prune s | dense fwd s | ratio "
         "| engine ratio | peak RSS GB | RSS / weights | peak device GB | stats GB |\n"
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n"
     )
     body = ""
     for r in rows:
         device = "" if r["peak_device_bytes"] is None else f"{r['peak_device_bytes'] / GB:.2f}"
         body += (
-            f"| {r['engine']} | {r['shape']} | {r['params'] / 1e9:.2f}B "
+            f"| {row_host(r)} | {r['engine']} | {r['shape']} | {r['params'] / 1e9:.2f}B "
             f"| {r['weights_bytes'] / GB:.2f} | {r['nsamples']} x {r['seqlen']} "
-            f"| {r['prune_wall_s']:.0f} | {r['dense_forward_s']:.1f} | {r['time_ratio']:.1f}x "
-            f"| {r['engine_ratio']:.1f}x | {r['peak_rss_bytes'] / GB:.2f} "
+            f"| {r['prune_wall_s']:.0f} | {r['dense_forward_s']:.1f} | {r['time_ratio']:.2f}x "
+            f"| {r['engine_ratio']:.2f}x | {r['peak_rss_bytes'] / GB:.2f} "
             f"| {r['rss_over_weights']:.1f}x | {device or 'n/a'} | {r['stats_bytes'] / GB:.2f} |\n"
         )
     return head + body
@@ -297,7 +335,7 @@ def report(args) -> None:
         with atomic_file(args.md) as tmp:
             Path(tmp).write_text(table)
     if rows and args.plot:
-        scale_plot(rows, args.plot)
+        scale_plot([{**r, "series": f"{r['engine']}, {row_host(r)}"} for r in rows], args.plot)
 
 
 if __name__ == "__main__":

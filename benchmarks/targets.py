@@ -203,15 +203,21 @@ def scale_section(md_dir: Path) -> list[str]:
         "## Scale",
         "",
         "Random-init checkpoints of public shapes, and the embedded SmolLM2-135M, pruned by "
-        "`cfsp prune` (streamed engine, bfloat16, p = 0.3, botchan:train calibration) on this "
-        "2-core CPU machine: wall time of the `cfsp prune` process (start-up and imports "
+        "`cfsp prune` (streamed engine, bfloat16, p = 0.3, botchan:train calibration) on a "
+        "2-core CPU machine of this workplace, whose CPU the host column names: wall time of "
+        "the `cfsp prune` process (start-up and imports "
         "included; `engine ratio`: its passes alone) against one dense forward over the same "
         "calibration tokens in another process, peak RSS of the process tree, bytes of "
         "statistics spilled (`python -m benchmarks.scale measure --shape S`). Run one after the "
         "other on a quiet machine (load ~1.5); the dense forward is the median of up to three "
         "runs while they take under 30 s in all, one run above; a single forward of one shape "
-        "has varied by up to 45% between sessions on this VM, so each ratio is good to about "
-        "that.",
+        "has varied by up to 45% between sessions on one host, so each ratio is good to about "
+        "that. The ratio depends on the host: the forward is bf16 matrix products, ~2x faster "
+        "with AMX than with AVX512-BF16 (0.7 against ~0.4 TFLOP/s), while the refit's float32 "
+        "Cholesky solves and the banded Gram do not gain as much, so the same code measures "
+        "~3.2x on the AMX host and ~2.4x on the AVX512-BF16 one at 7B. At SmolLM2 the process "
+        "start (imports) is half a forward by itself: a second run on the AVX512-BF16 host "
+        "measured 3.04x (23.8 s against 7.8 s) where the table's run measured 2.48x.",
         "",
         table.read_text().strip(),
         "",

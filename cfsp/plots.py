@@ -132,26 +132,38 @@ def scale_plot(rows: list[dict], out: Path) -> Path:
     dense forward over the same tokens) and peak RSS next to the weights' size, log-log.
 
     rows: {"engine", "params", "prune_wall_s", "dense_forward_s", "peak_rss_bytes",
-    "weights_bytes"} (benchmarks/scale.py)."""
+    "weights_bytes"} (benchmarks/scale.py), and "series" (default: the engine) naming the line
+    a row belongs to (the scale benchmark: engine and host CPU)."""
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
-    for engine in dict.fromkeys(r["engine"] for r in rows):
-        mine = sorted((r for r in rows if r["engine"] == engine), key=lambda r: r["params"])
+    series = [r.get("series", r["engine"]) for r in rows]
+    for i, engine in enumerate(dict.fromkeys(series)):
+        mine = [r for r, name in zip(rows, series, strict=True) if name == engine]
+        mine.sort(key=lambda r: r["params"])
         size = [r["params"] / 1e9 for r in mine]
-        left.plot(size, [r["prune_wall_s"] for r in mine], marker="o", label=f"prune ({engine})")
+        color = f"C{i}"  # one colour per series: its prune and forward lines read as a pair
+        left.plot(
+            size,
+            [r["prune_wall_s"] for r in mine],
+            marker="o",
+            color=color,
+            label=f"prune ({engine})",
+        )
         left.plot(
             size,
             [r["dense_forward_s"] for r in mine],
             marker="s",
             ls="--",
+            color=color,
             label=f"dense forward ({engine})",
         )
         right.plot(
             size,
             [r["peak_rss_bytes"] / 1e9 for r in mine],
             marker="o",
+            color=color,
             label=f"peak RSS ({engine})",
         )
     weights = sorted({(r["params"] / 1e9, r["weights_bytes"] / 1e9) for r in rows})

@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -51,19 +52,22 @@ def channel_sums(x: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
     return rows.shape[0], total.double(), squares.double()
 
 
-def symmetric_product(rows: torch.Tensor, tile: int = 1408) -> torch.Tensor:
-    """X^T X [n, n] of rows X [T, n] from its upper-triangle bands only, mirrored: k bands of
-    ~`tile` columns cost (k + 1) / 2k of the full product (a symmetric rank-T update, which
-    torch does not offer; at n = 11008, k = 8: ~25% less measured in bfloat16), and the
-    result is exactly symmetric. One GEMM when n < 1.5 tiles."""
-    n = rows.shape[1]
+def symmetric_product(cols: torch.Tensor, tile: int = 1408) -> torch.Tensor:
+    """X^T X [n, n] from the activations stored channel-major, cols = X^T [n, T] (contiguous),
+    from its upper-triangle bands only, mirrored: k bands of ~`tile` channels cost (k + 1) / 2k
+    of the full product (a symmetric rank-T update, which torch does not offer; at n = 11008,
+    k = 8: ~25% less), and the result is exactly symmetric. Each band is
+    F.linear(cols[lo:hi], cols[lo:]), the forward's own GEMM layout (both operands contiguous
+    along T): in bfloat16 on the 2-core CPU ~15-20% faster than X^T X on a transposed view
+    (8192 x 11008: 6.2-6.5 s against 7.3-8.0 s, same load). One GEMM when n < 1.5 tiles."""
+    n = cols.shape[0]
     bands = max(1, round(n / tile))
     if bands == 1:
-        return rows.T @ rows
+        return F.linear(cols, cols)
     edges = [n * i // bands for i in range(bands + 1)]
-    out = torch.empty(n, n, dtype=rows.dtype, device=rows.device)
+    out = torch.empty(n, n, dtype=cols.dtype, device=cols.device)
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
-        band = rows[:, lo:hi].T @ rows[:, lo:]  # [hi - lo, n - lo]
+        band = F.linear(cols[lo:hi], cols[lo:])  # [hi - lo, n - lo]
         out[lo:hi, lo:] = band
         out[hi:, lo:hi] = band[:, hi - lo :].T
     return out

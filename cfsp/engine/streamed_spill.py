@@ -85,9 +85,9 @@ class GramMoments(ChannelMoments):
     def finish(self) -> None:
         """Take the Gram of the kept bfloat16 rows (one GEMM) and free them."""
         if self.pending:
-            rows = torch.cat(self.pending)
+            cols = torch.cat([rows.T for rows in self.pending], dim=1)  # [n, T], contiguous
             self.pending.clear()
-            product = symmetric_product(rows)
+            product = symmetric_product(cols)
             self.gram = product if self.gram is None else self.gram + product.to(self.gram.dtype)
         if self.gram is None:  # no tokens
             self.gram = torch.zeros(self.sum.numel(), self.sum.numel(), device=self.sum.device)
