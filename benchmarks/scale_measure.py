@@ -257,6 +257,7 @@ def _machine() -> dict:
 
 # Rows measured before the host was recorded: sessions whose CPU had AMX (README, "Measured").
 OLD_HOST = "x86 with AMX-BF16"
+BF16_UNITS = (("amx_bf16", "AMX-BF16"), ("avx512_bf16", "AVX512-BF16"))  # best first
 
 
 def host_cpu() -> str:
@@ -267,23 +268,13 @@ def host_cpu() -> str:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return "unknown"
-    model = next(
-        (ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")),
-        "?",
-    )
-    flags = set(
-        next(
-            (ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []
-        )
-    )
-    unit = (
-        "AMX-BF16"
-        if "amx_bf16" in flags
-        else "AVX512-BF16"
-        if "avx512_bf16" in flags
-        else "no bf16 unit"
-    )
-    return f"{model}, {unit}"
+    info: dict[str, str] = {}  # the first core's fields (every core lists the same)
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    flags = set(info.get("flags", "").split())
+    units = [name for flag, name in BF16_UNITS if flag in flags]
+    return f"{info.get('model name', '?')}, {units[0] if units else 'no bf16 unit'}"
 
 
 def row_host(row: dict) -> str:
