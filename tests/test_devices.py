@@ -57,18 +57,21 @@ def test_host_heap_controls_reach_glibc():
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     code = (
         "import torch\n"
-        "from cfsp.devices import bound_host_heap, trim_host_heap\n"
+        "from cfsp.devices import bound_host_heap, heap_free_bytes, trim_host_heap\n"
         "print(bound_host_heap())\n"
         "x = [torch.ones(1 << 20) for _ in range(64)]\n"  # 256 MiB of heap chunks (< 64 MiB each)
-        "del x\n"
-        "print(trim_host_heap())\n"
+        "del x[::2]\n"  # every other one freed: 128 MiB free inside the heap
+        "free = heap_free_bytes()\n"
+        "print(free is not None and free >= 100 << 20)\n"
+        "print(trim_host_heap(min_free=1 << 40))\n"  # too little free to be worth a trim
+        "print(trim_host_heap(min_free=0))\n"
     )
     root = str(Path(__file__).resolve().parents[1])
     env = dict(os.environ, PYTHONPATH=root)
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
-    assert out.stdout.split() == [str(glibc), str(glibc)]
+    assert out.stdout.split() == [str(glibc), str(glibc), "False", str(glibc)]
     assert isinstance(bound_host_heap(), bool) and isinstance(trim_host_heap(), bool)
 
 

@@ -78,9 +78,13 @@ def test_measure_records_a_row_table_and_plot(tmp_path, tiny_tokenizer):
     assert row["peak_device_bytes"] is None and row["stats_bytes"] == 0
     assert row["engine"] == "streamed"  # cfsp prune's engine for a directory, from its manifest
     assert len(row["dense_forward_runs_s"]) == 3  # short forwards: the median of three
+    assert len(row["prune_runs_s"]) == 3  # short prunes too
+    assert row["prune_wall_s"] == sorted(row["prune_runs_s"])[1]
     assert row["dense_finite"] and row["output_finite"]
     assert 0.2 < row["achieved_fraction"] < 0.4
-    assert "| streamed | tiny |" in md.read_text() and plot.stat().st_size > 1000
+    table = md.read_text()
+    assert "| streamed | tiny |" in table and "(median of 3)" in table
+    assert plot.stat().st_size > 1000
     assert not (tmp_path / "work/tiny-pruned").exists()  # output removed unless --keep-output
     save_row(results, dict(row, prune_wall_s=1.0))  # the same settings: the row is replaced
     save_row(results, dict(row, nsamples=8))  # other settings: a row of their own
