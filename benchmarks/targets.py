@@ -209,15 +209,16 @@ def scale_section(md_dir: Path) -> list[str]:
         "included; `engine ratio`: its passes alone) against one dense forward over the same "
         "calibration tokens in another process, peak RSS of the process tree, bytes of "
         "statistics spilled (`python -m benchmarks.scale measure --shape S`). Run one after the "
-        "other on a quiet machine (load ~1.5); the dense forward is the median of up to three "
-        "runs while they take under 30 s in all, one run above; a single forward of one shape "
-        "has varied by up to 45% between sessions on one host, so each ratio is good to about "
-        "that. The ratio depends on the host: the forward is bf16 matrix products, ~2x faster "
-        "with AMX than with AVX512-BF16 (0.7 against ~0.4 TFLOP/s), while the refit's float32 "
-        "Cholesky solves and the banded Gram do not gain as much, so the same code measures "
-        "~3.2x on the AMX host and ~2.4x on the AVX512-BF16 one at 7B. At SmolLM2 the process "
-        "start (imports) is half a forward by itself: a second run on the AVX512-BF16 host "
-        "measured 3.04x (23.8 s against 7.8 s) where the table's run measured 2.48x.",
+        "other on a quiet machine (load ~1.5). Each side of the ratio is the median of up to "
+        "three runs while they take under 120 s (prune) / 30 s (forward) in all, one run above: "
+        "at SmolLM2 single prunes of one commit took 17.6-21.5 s against forwards of 7.4-8.6 s, "
+        "and two medians of three gave 2.50x and 2.17x (the table keeps the later); a single "
+        "forward of one shape has varied by up to 45% between sessions on one host. The ratio "
+        "depends on the host: the forward is bf16 matrix products, ~2x faster with AMX than "
+        "with AVX512-BF16 (0.7 against ~0.4 TFLOP/s), while the refit's float32 Cholesky "
+        "solves and the banded Gram do not gain as much, so code of the AMX rows' time (sessions "
+        "8-12, before the channel-major 256-channel Gram bands) measured ~3.2x at 7B there and "
+        "today's 2.3x on the AVX512-BF16 host.",
         "",
         table.read_text().strip(),
         "",
