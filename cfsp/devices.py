@@ -17,6 +17,7 @@ brings float64 back for a comparison; the choice made is recorded in the prune r
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 from contextlib import AbstractContextManager, nullcontext
@@ -107,6 +108,7 @@ def peak_device_mib(device: torch.device) -> float | None:
 HEAP_MMAP_THRESHOLD = 64 << 20  # bytes; buffers from this size on are mapped and unmapped
 
 
+@functools.cache  # find_library runs `ldconfig -p`: ~4 ms a call, once per block otherwise
 def _glibc():
     """The C library when it is glibc on Linux (mallopt / malloc_trim), else None."""
     import ctypes.util
