@@ -75,6 +75,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--botchan-windows", type=int, default=200)
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma-separated; '' for none")
     ap.add_argument("--task-limit", type=int, default=200)
+    ap.add_argument(
+        "--task-methods",
+        nargs="+",
+        choices=list(METHODS),
+        help="zero-shot for the dense model and these methods' rows only (default: every row; "
+        "zero-shot is most of a row's time on a large vocabulary)",
+    )
     ap.add_argument("--round-to", type=int, default=64, choices=[8, 64, 128])
     ap.add_argument("--speed-batch", type=int, default=8)
     ap.add_argument("--speed-repeats", type=int, default=5)
@@ -355,9 +362,11 @@ def main(argv=None) -> list[dict]:
     rows = publish()
     for (name, budget), (path, config) in plan.items():
         row = _cached(path, suite.key, lambda n=name, b=budget: suite.row(n, b), config)
-        done[name, budget] = _with_zeroshot(
-            path, row, suite, lambda n=name, b=budget: suite.pruned(METHODS[n], b)[0]
-        )
+        if args.task_methods is None or name in args.task_methods:
+            row = _with_zeroshot(
+                path, row, suite, lambda n=name, b=budget: suite.pruned(METHODS[n], b)[0]
+            )
+        done[name, budget] = row
         _log_row(done[name, budget])
         rows = publish()  # after the last row: every planned row, the final outputs
     return rows

@@ -255,9 +255,9 @@ def _section(payload: dict, md_dir: Path) -> list[str]:
         f"WikiText-2 test perplexity at seqlen 128 over the first {st['wikitext_windows']} "
         f"windows; Botchan over the first {st['botchan_windows']}; zero-shot average of "
         f"{st['tasks'] or 'no tasks'} over the first {st['task_limit']} items each (lm-eval, "
-        "acc). Time ratio = (capture + pruning + reconstruction) / one dense forward pass over "
-        f"the calibration set. {speed} {rounded} {payload['threads']} CPU threads; "
-        f"versions {payload['versions']}.",
+        f"acc{_task_rows(st)}). Time ratio = (capture + pruning + reconstruction) / one dense "
+        f"forward pass over the calibration set. {speed} {rounded} {payload['threads']} CPU "
+        f"threads; versions {payload['versions']}.",
         "",
         f"Reproduce: `python -m benchmarks.suite{_reproduce_flags(st, md_dir)}` (rows are cached "
         f"in {_link(st['rows'], md_dir)}; a stopped run resumes).",
@@ -276,6 +276,15 @@ def _section(payload: dict, md_dir: Path) -> list[str]:
     return lines + _zeroshot_lines(rows)
 
 
+def _task_rows(st: dict) -> str:
+    """Which rows have zero-shot columns, when --task-methods limited them."""
+    methods = st.get("task_methods")
+    if not st["tasks"] or methods in (None, "None"):
+        return ""
+    names = ", ".join(m.strip(" '") for m in methods.strip("[]").split(","))
+    return f"; dense and {names} rows only"
+
+
 def _reproduce_flags(st: dict, md_dir: Path) -> str:
     """The suite's command line for the settings that differ from its defaults."""
     if st["model"] == TARGET_MODEL:
@@ -283,6 +292,11 @@ def _reproduce_flags(st: dict, md_dir: Path) -> str:
     flags = [f"--model {st['model']}", f"--nsamples {st['nsamples']}"]
     flags += [f"--wikitext-windows {st['wikitext_windows']}"]
     flags += [f"--botchan-windows {st['botchan_windows']}", f"--tasks '{st['tasks']}'"]
+    if st["tasks"]:
+        flags += [f"--task-limit {st['task_limit']}"]
+    if st.get("task_methods") not in (None, "None"):
+        methods = " ".join(m.strip(" '") for m in st["task_methods"].strip("[]").split(","))
+        flags += [f"--task-methods {methods}"]
     flags += [f"--{k.replace('_', '-')}" for k in ("no_speed", "no_rounded") if st.get(k) == "True"]
     flags += [f"--targets {st['targets']}"] if "targets" in st else []
     paths = {k: _link(st[k], md_dir) for k in ("rows", "out", "plot")}

@@ -86,6 +86,9 @@ def test_suite_smoke_run_writes_everything_and_resumes(tmp_path, tiny_tokenizer,
         return  # no local zero-shot data on this machine: the part above is the smoke test
     argv[argv.index("--tasks") + 1] = "arc_easy,boolq"
     argv += ["--task-limit", "3"]
+    partly = main([*argv, "--task-methods", "default"])  # dense and the default only
+    assert {r["method"] for r in partly if r["zeroshot"]} == {"dense", "default"}
+    assert "; dense and default rows only" in (tmp_path / "BENCHMARKS.md").read_text()
     scored = main(argv)
     assert [r["ppl"] for r in scored] == [r["ppl"] for r in rows]
     assert all(0 <= r["zeroshot"]["arc_easy"] <= 1 for r in scored)
@@ -146,6 +149,10 @@ def test_generic_targets_and_a_section_without_speed_or_rounded(tmp_path):
     assert "## Model gemma3-270m" in page and "Speed: not measured (--no-speed)." in page
     assert "| 0.5 | default | 0.5000 | 5 | 20.00 | 18.00 | 50.0 | 1.50 | - | - |" in page
     assert "--model gemma3-270m" in page and "--no-speed --no-rounded --targets generic" in page
+    settings |= {"tasks": "piqa,boolq", "task_limit": 100, "task_methods": "['default']"}
+    page = render_markdown([payload | {"versions": {}}], tmp_path)
+    assert "over the first 100 items each (lm-eval, acc; dense and default rows only)" in page
+    assert "--tasks 'piqa,boolq' --task-limit 100 --task-methods default" in page
 
 
 def _compare_result(path, calib_hash: str, rows: list[tuple[str, float, float]]) -> None:
