@@ -276,13 +276,18 @@ def _section(payload: dict, md_dir: Path) -> list[str]:
     return lines + _zeroshot_lines(rows)
 
 
+def _task_methods(st: dict) -> list[str]:
+    """--task-methods as recorded (the text of a Python list, or "None"); [] when unset."""
+    recorded = st.get("task_methods")
+    if not st["tasks"] or recorded in (None, "None"):
+        return []
+    return [m.strip(" '") for m in recorded.strip("[]").split(",")]
+
+
 def _task_rows(st: dict) -> str:
     """Which rows have zero-shot columns, when --task-methods limited them."""
-    methods = st.get("task_methods")
-    if not st["tasks"] or methods in (None, "None"):
-        return ""
-    names = ", ".join(m.strip(" '") for m in methods.strip("[]").split(","))
-    return f"; dense and {names} rows only"
+    methods = _task_methods(st)
+    return f"; dense and {', '.join(methods)} rows only" if methods else ""
 
 
 def _reproduce_flags(st: dict, md_dir: Path) -> str:
@@ -294,9 +299,8 @@ def _reproduce_flags(st: dict, md_dir: Path) -> str:
     flags += [f"--botchan-windows {st['botchan_windows']}", f"--tasks '{st['tasks']}'"]
     if st["tasks"]:
         flags += [f"--task-limit {st['task_limit']}"]
-    if st.get("task_methods") not in (None, "None"):
-        methods = " ".join(m.strip(" '") for m in st["task_methods"].strip("[]").split(","))
-        flags += [f"--task-methods {methods}"]
+    if _task_methods(st):
+        flags += [f"--task-methods {' '.join(_task_methods(st))}"]
     flags += [f"--{k.replace('_', '-')}" for k in ("no_speed", "no_rounded") if st.get(k) == "True"]
     flags += [f"--targets {st['targets']}"] if "targets" in st else []
     paths = {k: _link(st[k], md_dir) for k in ("rows", "out", "plot")}
