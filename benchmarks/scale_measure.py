@@ -109,7 +109,7 @@ def prune_runs(cmd: list[str], env: dict, scratch: Path, log: Path, out: Path) -
     from cfsp.export import read_manifest
 
     runs: list[dict] = []
-    while not runs or (len(runs) < 3 and projected_total(runs) < 120):
+    while not runs or (len(runs) < 3 and projected_total([r["wall_s"] for r in runs]) < 120):
         run = run_polled(cmd, env, scratch, log)
         if run["rc"] != 0:
             raise SystemExit(f"error: prune exited {run['rc']}:\n{run['output']}")
@@ -124,10 +124,10 @@ def prune_runs(cmd: list[str], env: dict, scratch: Path, log: Path, out: Path) -
     }
 
 
-def projected_total(runs: list[dict]) -> float:
-    """The wall time of one more run on top of these, at their mean."""
-    done = sum(r["wall_s"] for r in runs)
-    return done * (len(runs) + 1) / len(runs)
+def projected_total(seconds: list[float]) -> float:
+    """The wall time of these runs and one more at their mean (the prune's and the forward's
+    rule for another run)."""
+    return sum(seconds) * (len(seconds) + 1) / len(seconds)
 
 
 def dense_forward(args, model_dir: Path, env: dict, pruned: Path) -> dict:
@@ -167,7 +167,7 @@ def _forward(argv: list[str]) -> None:
     # A forward of a few seconds varies by tens of percent between runs on a shared VM: up to
     # 3 of them while they take under 30 s in all, and their median (one at the larger shapes).
     times = [dense_forward_seconds(loaded.model, windows.ids, 8)]
-    while len(times) < 3 and sum(times) * (len(times) + 1) / len(times) < 30:
+    while len(times) < 3 and projected_total(times) < 30:
         times.append(dense_forward_seconds(loaded.model, windows.ids, 8))
     result = {
         "forward_s": round(statistics.median(times), 4),
