@@ -3,11 +3,14 @@
 Reads `compare.py` result JSONs made on the same calibration windows and the same evaluation
 windows (both checked by their fingerprints, so rows of several runs can be set side by side:
 the capture is deterministic for a seed, and the default's row repeats to the digit), and
-writes one markdown row per variant: its perplexity on one evaluation source and its change
-against the default (`cfsp`) of the same budget, in percent (negative = better).
+writes one markdown row per variant: its perplexity on one evaluation source, its change
+against the default (`cfsp`) of the same budget, in percent (negative = better), and its time
+ratio as compare.py measured it ((capture + prune) / one dense forward over the calibration
+windows, in F; "-" for rows recorded without it).
 
   python -m benchmarks.ablation benchmarks/results/sequential.json more.json \
-      --source file:/path/wikitext2/tokens/valid.txt --out benchmarks/results/ablation.md
+      --source file:/path/wikitext2/tokens/valid.txt --budgets 0.2 0.5 \
+      --out benchmarks/results/ablation.md
 """
 
 from __future__ import annotations
@@ -89,22 +92,23 @@ def ablation_rows(rows: list[dict], source: str) -> list[dict]:
         if base is None:
             raise UsageError(f"no {DEFAULT!r} row at budget {budget}: nothing to compare with")
         ppl0 = base["ppl"][source]
-        table.append(_cells(budget, "default (cfsp + cfsp + LIAR)", DEFAULT, ppl0, ""))
+        table.append(_cells(budget, "default (cfsp + cfsp + LIAR)", base, source, ""))
         for r in sorted(at, key=lambda r: r["ppl"][source]):
             if r is not base:
-                ppl = r["ppl"][source]
-                change = f"{100 * (ppl / ppl0 - 1):+.1f}%"
-                table.append(_cells(budget, describe(r["variant"]), r["variant"], ppl, change))
+                change = f"{100 * (r['ppl'][source] / ppl0 - 1):+.1f}%"
+                table.append(_cells(budget, describe(r["variant"]), r, source, change))
     return table
 
 
-def _cells(budget: float, what: str, variant: str, ppl: float, change: str) -> dict:
+def _cells(budget: float, what: str, row: dict, source: str, change: str) -> dict:
+    ratio = row.get("time_ratio")
     return {
         "p": f"{budget:g}",
         "technique": what,
-        "variant": f"`{variant}`",
-        "ppl": f"{ppl:.2f}",
+        "variant": f"`{row['variant']}`",
+        "ppl": f"{row['ppl'][source]:.2f}",
         "vs default": change,
+        "time (F)": "-" if ratio is None else f"{ratio:.2f}",
     }
 
 
@@ -113,8 +117,11 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("results", type=Path, nargs="+")
     ap.add_argument("--source", required=True, help="the evaluation source to compare on")
     ap.add_argument("--out", type=Path, help="write the markdown table here too")
+    ap.add_argument("--budgets", type=float, nargs="+", help="only these budgets (default: all)")
     args = ap.parse_args(argv)
     rows = load_rows(args.results, args.source)
+    if args.budgets:
+        rows = [r for r in rows if any(abs(r["budget"] - b) < 1e-9 for b in args.budgets)]
     page = render_table(ablation_rows(rows, args.source)) + "\n"
     if args.out is not None:
         args.out.write_text(page)

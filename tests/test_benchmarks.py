@@ -162,7 +162,7 @@ def _compare_result(path, calib_hash: str, rows: list[tuple[str, float, float]])
             "calibration": {"hash": calib_hash},
             "evaluation": {"valid": {"hash": "v1"}},
             "rows": [
-                {"variant": v, "budget": b, "ppl": {"valid": p}}
+                {"variant": v, "budget": b, "ppl": {"valid": p}, "time_ratio": 1.5}
                 for v, b, p in [("dense", 0.0, 10.0), *rows]
             ],
         },
@@ -179,9 +179,16 @@ def test_ablation_sets_runs_side_by_side_and_refuses_other_windows(tmp_path):
     page = ablation([str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--source", "valid"])
     lines = [line for line in page.splitlines() if line.startswith("| 0.2")]
     assert len(lines) == 3  # the default once, then the variants, best first
-    assert "default" in lines[0] and "20.00" in lines[0]
+    assert "default" in lines[0] and "20.00" in lines[0] and lines[0].endswith("| 1.50 |")
     assert "control 0.5" in lines[1] and "-5.0%" in lines[1]
     assert "LIAR off" in lines[2] and "+50.0%" in lines[2]
+
+    _compare_result(tmp_path / "d.json", "c1", [("cfsp+stats=sequential", 0.5, 40.0)])
+    paths = [str(tmp_path / name) for name in ("a.json", "d.json")]
+    with pytest.raises(UsageError, match="no 'cfsp' row at budget 0.5"):
+        ablation([*paths, "--source", "valid"])
+    page = ablation([*paths, "--source", "valid", "--budgets", "0.2"])  # 0.5 left out
+    assert "| 0.2 |" in page and "| 0.5 |" not in page
 
     _compare_result(tmp_path / "c.json", "c2", [("cfsp", 0.2, 21.0)])
     with pytest.raises(UsageError, match="not comparable"):
