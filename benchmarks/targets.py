@@ -299,8 +299,9 @@ def _reproduce_flags(st: dict, md_dir: Path) -> str:
     flags += [f"--botchan-windows {st['botchan_windows']}", f"--tasks '{st['tasks']}'"]
     if st["tasks"]:
         flags += [f"--task-limit {st['task_limit']}"]
-    if _task_methods(st):
-        flags += [f"--task-methods {' '.join(_task_methods(st))}"]
+    methods = _task_methods(st)
+    if methods:
+        flags += [f"--task-methods {' '.join(methods)}"]
     flags += [f"--{k.replace('_', '-')}" for k in ("no_speed", "no_rounded") if st.get(k) == "True"]
     flags += [f"--targets {st['targets']}"] if "targets" in st else []
     paths = {k: _link(st[k], md_dir) for k in ("rows", "out", "plot")}
