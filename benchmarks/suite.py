@@ -373,17 +373,17 @@ def main(argv=None) -> list[dict]:
 
 
 def _log_row(r: dict) -> None:
-    speed = r["speed_bf16"] or {}
+    speed = r["speed_bf16"]
+    zeroshot = r["zeroshot"]  # None until measured
     log.info(
-        "%s p=%.2f: wikitext2 %.2f botchan %.2f zero-shot %s time x%.2f bf16 x%s/%s",
+        "%s p=%.2f: wikitext2 %.2f botchan %.2f zero-shot %s time x%.2f bf16 %s",
         r["method"],
         r["budget"],
         r["ppl"]["wikitext2"],
         r["ppl"]["botchan"],
-        r["zeroshot"] and round(r["zeroshot"]["average"], 4),  # None until measured
+        f"{zeroshot['average']:.4f}" if zeroshot else "-",
         r["time_ratio"],
-        speed.get("speedup"),
-        speed.get("ideal"),
+        f"x{speed['speedup']:.2f} of ideal x{speed['ideal']:.2f}" if speed else "-",
     )
 
 

@@ -81,6 +81,15 @@ def test_gqa_groups_stay_consistent():
         assert plan.heads == sorted(plan.heads)
 
 
+def test_exponent_auto_resolves_by_budget_and_an_explicit_one_is_kept():
+    # The saved config records the number used, never "auto".
+    assert [PruneConfig(budget=b).exponent for b in (0.1, 0.2, 0.3, 0.5)] == [0.25, 0.25, 0.5, 0.5]
+    assert PruneConfig(budget=0.1, exponent=1.0).exponent == 1.0
+    assert PruneConfig(budget=0.5, exponent="auto").model_dump()["exponent"] == 0.5
+    with pytest.raises(ValueError, match="expected 'auto' or a finite number >= 0"):
+        PruneConfig(exponent="inf")
+
+
 def test_cfsp_criterion_does_not_collapse_to_activation_norm():
     model = tiny_model("llama-gqa")
     stats = capture(model, random_windows(), progress=False)
