@@ -106,7 +106,7 @@ def _model_targets(rows: list[dict]) -> list[dict]:
                     "p=0.2: zero-shot average within 1.5 points of dense",
                     drop <= 1.5,
                     f"dense {100 * _acc(dense):.1f}, default {100 * _acc(at2):.1f} "
-                    f"({drop:+.1f} points lost)",
+                    f"({-drop:+.1f} points against dense)",
                 )
             )
     if at5 and flap5:
