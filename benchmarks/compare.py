@@ -55,6 +55,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heldout", type=int, default=32, help="held-out calibration windows")
     ap.add_argument(
         "--eval",
         action="append",
@@ -70,7 +71,7 @@ def main() -> None:
     loaded = load_model(args.model)
     dense = loaded.model
     calib = calibration_windows(
-        args.calib, loaded.tokenizer, args.nsamples, args.seqlen, args.seed, dense
+        args.calib, loaded.tokenizer, args.nsamples, args.seqlen, args.seed, dense, args.heldout
     )
     eval_sets = {}
     for item in evals:

@@ -49,9 +49,11 @@ METHODS = {  # name in the tables -> method variant (PRESET[+key=value...])
     "default": "cfsp",
     "flap+liar": "flap+reconstruct=liar",
     "flap": "flap",
-    "cfsp+bias": "cfsp+reconstruct=bias",
-    "cfsp+none": "cfsp+reconstruct=none",
-    "cfsp+act_norm": "act_norm",
+    # One switch each against the CFSP allocation at its fixed control 0.5 (the default chooses
+    # its control per run, cfsp.engine.choose): the rows measure the switch, not the choice.
+    "cfsp+bias": "cfsp+reconstruct=bias+control=0.5",
+    "cfsp+none": "cfsp+reconstruct=none+control=0.5",
+    "cfsp+act_norm": "act_norm+control=0.5",
     "uniform+cfsp": "cfsp+allocation=uniform",
     "wanda_sp": "wanda_sp",
     "magnitude": "magnitude",
@@ -69,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--heldout", type=int, default=32, help="held-out calibration windows")
     ap.add_argument("--wikitext", default="wikitext2", help="WikiText-2 test spec")
     ap.add_argument("--wikitext-windows", type=int, default=320)
     ap.add_argument("--botchan", default="botchan", help="second perplexity source")
@@ -118,6 +121,8 @@ def settings_key(args: argparse.Namespace) -> str:
     # The switches count only when on, so rows measured before they existed (with speed and
     # rounded columns) keep their key.
     values.update({k: True for k in ("no_speed", "no_rounded") if getattr(args, k)})
+    if args.heldout != 32:  # only rows that choose their control read them: key kept at 32
+        values["heldout"] = args.heldout
     text = json.dumps(values, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -131,7 +136,13 @@ class Suite:
         loaded = load_model(args.model)
         self.dense, self.tokenizer = loaded.model, loaded.tokenizer
         self.calib = calibration_windows(
-            args.calib, self.tokenizer, args.nsamples, args.seqlen, args.seed, self.dense
+            args.calib,
+            self.tokenizer,
+            args.nsamples,
+            args.seqlen,
+            args.seed,
+            self.dense,
+            args.heldout,
         )
         self.evals = {
             "wikitext2": evaluation_windows(
@@ -199,6 +210,7 @@ class Suite:
             "forward_s": round(self.forward_s, 2),
             "capture_s": round(self.stats.wall_s, 2),
             "keep_ratios": [round(k, 4) for k in report.keep_ratios],
+            **({"control_choice": report.choice} if report.choice else {}),
             "ppl": self.ppl(model),
             **self.rounded_and_speed(name, budget, model),
         }

@@ -262,13 +262,19 @@ def prune_cmd(
     ] = "botchan:train",
     nsamples: Annotated[int, typer.Option(help="Calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 128,
+    heldout: Annotated[
+        int,
+        typer.Option(help="Held-out windows beside them, on which --control auto chooses."),
+    ] = 32,
     seed: Annotated[int, typer.Option(help="Seed for window sampling and random choices.")] = 0,
     temperature: Annotated[float, typer.Option(help="CFSP allocation temperature.")] = 1.0,
     control: Annotated[
-        float | None,
+        str | None,
         typer.Option(
             help="CFSP allocation control a in sigmoid(a z): lower spreads the budget more "
-            f"evenly over the blocks.  [default: {_PRUNE_DEFAULTS['control']}]",
+            "evenly over the blocks (0: uniform); 'auto' tries 0.5, 0.25 and 0 and keeps the "
+            "one with the lowest loss on held-out calibration windows.  "
+            f"[default: {_PRUNE_DEFAULTS['control']}]",
             show_default=False,
         ),
     ] = None,
@@ -348,7 +354,7 @@ def prune_cmd(
     prune_cfg = validate(PruneConfig, prune_values, "prune options")
     calib_cfg = validate(
         CalibConfig,
-        {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        {"source": calib, "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "heldout": heldout},
         "calibration options",
     )
     options = {"overwrite": overwrite, "max_shard_size": max_shard_size, "export": export}
@@ -681,6 +687,9 @@ def stage_capture(
 def stage_allocate(
     model: StageModelOpt,
     stats: Annotated[Path, typer.Option()],
+    tokens: Annotated[
+        Path, typer.Option(help="Prepare output: its held-out windows choose control: auto.")
+    ],
     out: OutOpt,
     budget: BudgetOpt,
     method: MethodOpt,
@@ -697,7 +706,7 @@ def stage_allocate(
         from cfsp.io import check_output_file
 
         check_output_file(plot_data)
-    info = _run_stage("allocate", p, model, out, {"capture": stats}, cfg)
+    info = _run_stage("allocate", p, model, out, {"prepare": tokens, "capture": stats}, cfg)
     if plot_data is not None:
         from cfsp.pipeline.store import write_side_output
 

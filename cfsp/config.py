@@ -56,10 +56,13 @@ class CalibConfig(Strict):
     nsamples: Count = 128
     seqlen: Count = 128
     seed: Seed = 0
+    # Windows drawn beside the calibration ones and kept out of the statistics: the text on
+    # which `control: auto` compares its candidates (cfsp.engine.choose). 0: none.
+    heldout: int = Field(32, ge=0, le=MAX_COUNT)
 
     @model_validator(mode="after")
     def _bounded(self) -> CalibConfig:
-        check_tokens(self.nsamples, self.seqlen, "nsamples x seqlen")
+        check_tokens(self.nsamples + self.heldout, self.seqlen, "(nsamples + heldout) x seqlen")
         return self
 
 
@@ -70,7 +73,9 @@ class AllocateConfig(Strict):
     # text at p=0.2 and p=0.5 (README, "Measured"); ffn+heads stays one option away.
     structures: Literal["ffn+heads", "ffn"] = "ffn"
     temperature: float = Field(1.0, gt=0)
-    control: float = Field(0.5, gt=0)
+    # "auto" chooses 0.5, 0.25 or 0 (uniform) by the loss each leaves on held-out calibration
+    # windows (cfsp.engine.choose): the best slope differs by model and budget (README).
+    control: float | Literal["auto"] = "auto"
     floor: float = Field(0.05, gt=0, lt=1)
     # "auto" resolves by budget (`criterion_exponent`): measured on validation text, 0.25 gains
     # on both models up to p = 0.2 and SmolLM2 loses with it from p = 0.3 on (README).
@@ -78,9 +83,9 @@ class AllocateConfig(Strict):
     round_to: Literal[1, 8, 64, 128] = 1
     seed: Seed = 0
 
-    @field_validator("exponent", mode="before")
+    @field_validator("exponent", "control", mode="before")
     @classmethod
-    def _exponent(cls, value):
+    def _auto_or_number(cls, value):
         # One message instead of pydantic's one per member of the union.
         if value == "auto":
             return value

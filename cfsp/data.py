@@ -18,6 +18,7 @@ evaluation takes consecutive non-overlapping windows, optionally only the first 
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -62,6 +63,9 @@ class TokenWindows:
 
     ids: torch.Tensor
     fingerprint: dict = field(default_factory=dict)
+    # Windows of the same source kept out of the statistics, for choices made inside a run
+    # (`control: auto`); None when none were drawn.
+    heldout: torch.Tensor | None = None
 
     @property
     def hash(self) -> str:
@@ -363,11 +367,20 @@ def _max_len(model_or_none) -> int | None:
 
 
 def calibration_windows(
-    spec: str | Text, tokenizer, nsamples: int, seqlen: int, seed: int, model=None
+    spec: str | Text,
+    tokenizer,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    model=None,
+    heldout: int = 0,
 ) -> TokenWindows:
     """N windows of `seqlen` tokens at seeded random offsets (or sampled from `model`).
 
     `spec` is a text source spec, or a `Text` already in memory (the Python API's strings).
+    `heldout` more windows of the same source, none overlapping a calibration window (drawn
+    after them from the same generator, so the calibration windows do not depend on it), go to
+    `TokenWindows.heldout`.
     """
     check_window_args(seqlen, nsamples, _max_len(model))
     bos = leading_bos(tokenizer)
@@ -381,6 +394,7 @@ def calibration_windows(
             "self",
             "",
         )
+        held = generate_windows(model, tokenizer, heldout, seqlen, seed + 1) if heldout else None
     else:
         text = given or load_text(spec)
         tokens = tokenize(text, tokenizer)
@@ -394,6 +408,10 @@ def calibration_windows(
         starts = torch.randint(0, tokens.numel() - body, (nsamples,), generator=gen)
         ids = _with_bos(torch.stack([tokens[s : s + body] for s in starts.tolist()]), bos)
         origin, text_sha = text.origin, text.sha256
+        held = None
+        if heldout:
+            kept = _disjoint_starts(starts, tokens.numel() - body, body, heldout, gen, spec)
+            held = _with_bos(torch.stack([tokens[s : s + body] for s in kept]), bos)
     fingerprint = {
         "source": spec,
         "origin": origin,
@@ -405,8 +423,32 @@ def calibration_windows(
         "count": int(ids.shape[0]),
         "hash": tensor_hash(ids),
         **({"bos": bos} if bos is not None else {}),
+        **({"heldout": heldout, "heldout_hash": tensor_hash(held)} if heldout else {}),
     }
-    return TokenWindows(ids, fingerprint)
+    return TokenWindows(ids, fingerprint, held)
+
+
+def _disjoint_starts(
+    starts: torch.Tensor, span: int, body: int, count: int, gen: torch.Generator, spec
+) -> list[int]:
+    """`count` window starts in [0, span) whose windows of `body` tokens overlap no window
+    at `starts` (nor each other): held-out text is text the statistics never saw."""
+    taken = sorted(starts.tolist())
+    kept: list[int] = []
+    for _ in range(64):
+        for s in torch.randint(0, span, (4 * count,), generator=gen).tolist():
+            here = bisect.bisect_right(taken, s)
+            clear_left = here == 0 or taken[here - 1] + body <= s
+            clear_right = here == len(taken) or s + body <= taken[here]
+            if clear_left and clear_right:
+                kept.append(s)
+                bisect.insort(taken, s)
+                if len(kept) == count:
+                    return kept
+    raise UsageError(
+        f"text source {spec!r} is too short for {count} held-out windows of {body} tokens "
+        "beside the calibration windows; use a longer text, fewer windows or heldout: 0"
+    )
 
 
 def evaluation_windows(

@@ -76,6 +76,12 @@ def _made(manifest: dict) -> list[str]:
             f", structures `{config.get('structures')}`)"
         )
         lines.append(f"- Budget: {config.get('budget')} of the decoder-block weight parameters")
+    choice = prune.get("control_choice")
+    if isinstance(choice, dict) and "chosen" in choice:
+        lines.append(
+            f"- Allocation control: {choice['chosen']} (chosen from {choice.get('candidates')} "
+            f"by held-out calibration loss {choice.get('heldout_loss')})"
+        )
     if isinstance(prune.get("achieved_fraction"), (int, float)):
         lines.append(
             f"- Achieved removal: {100 * prune['achieved_fraction']:.2f}% of block parameters "

@@ -173,7 +173,13 @@ def prune_to_checkpoint(
     signal_point("load")  # tests only: an interrupt before anything is written
     check_exports(loaded.model.config, prune, kinds)
     windows = calibration_windows(
-        calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
+        calib.source,
+        loaded.tokenizer,
+        calib.nsamples,
+        calib.seqlen,
+        calib.seed,
+        loaded.model,
+        calib.heldout,
     )
     timings["load_and_prepare"] = time.perf_counter() - t0
     report, manifest = prune_loaded(

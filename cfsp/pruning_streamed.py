@@ -159,7 +159,13 @@ def prune_streamed_to_checkpoint(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     windows = calibration_windows(
-        text or calib.source, tokenizer, calib.nsamples, calib.seqlen, calib.seed, skeleton
+        text or calib.source,
+        tokenizer,
+        calib.nsamples,
+        calib.seqlen,
+        calib.seed,
+        skeleton,
+        calib.heldout,
     )
     timings = {"load_and_prepare": time.perf_counter() - t0}
     signal_point("load")  # tests only: an interrupt before anything is written

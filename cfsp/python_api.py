@@ -48,6 +48,7 @@ def prune(
     nsamples: int = 128,
     seqlen: int = 128,
     seed: int = 0,
+    heldout: int = 32,
     text_column: str = "text",
     dtype: str = "float32",
     batch_size: int = 8,
@@ -61,7 +62,8 @@ def prune(
                  place; then `tokenizer` is required)
     calibration  a text source spec (`c4`, `wikitext2`, `botchan:train`, a file), a list of
                  strings, or a `datasets.Dataset` (its `text_column`); `nsamples` windows of
-                 `seqlen` tokens are drawn from it with `seed`
+                 `seqlen` tokens are drawn from it with `seed`, and `heldout` more beside
+                 them on which `control="auto"` (the default) chooses the allocation's slope
     method       a preset (`cfsp`, `flap`, `wanda_sp`, ...); `**options` sets any other
                  `PruneConfig` field: allocation, criterion, reconstruct, structures, round_to,
                  temperature, stats, damping, ...
@@ -72,7 +74,13 @@ def prune(
     source = calibration if isinstance(calibration, str) else "python"
     calib = validate(
         CalibConfig,
-        {"source": source, "nsamples": nsamples, "seqlen": seqlen, "seed": seed},
+        {
+            "source": source,
+            "nsamples": nsamples,
+            "seqlen": seqlen,
+            "seed": seed,
+            "heldout": heldout,
+        },
         "calibration",
     )
     text = _calibration_text(calibration, text_column)
@@ -86,7 +94,7 @@ def prune(
     t0 = time.perf_counter()
     loaded = _loaded(model, tokenizer, dtype, trust_remote_code)
     windows = calibration_windows(
-        text or calib.source, loaded.tokenizer, nsamples, seqlen, seed, loaded.model
+        text or calib.source, loaded.tokenizer, nsamples, seqlen, seed, loaded.model, heldout
     )
     timings["load_and_prepare"] = time.perf_counter() - t0
     dtype_name = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")

@@ -199,7 +199,7 @@ def test_ablation_sets_runs_side_by_side_and_refuses_other_windows(tmp_path):
 
 def test_result_config_keeps_what_a_method_reads():
     default = result_config(variant_config("cfsp", 0.2))
-    assert default["control"] == 0.5 and default["damping"] == 0.1 and "seed" not in default
+    assert default["control"] == "auto" and default["damping"] == 0.1 and "seed" not in default
     steeper = result_config(variant_config("cfsp+control=2", 0.2))
     assert steeper != default  # a changed allocation default redoes the CFSP rows...
     for method in ("wanda_sp", "flap", "cfsp+allocation=uniform"):

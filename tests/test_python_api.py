@@ -16,7 +16,8 @@ from cfsp.engine.driver import prune_model
 from cfsp.errors import UsageError
 from tests.conftest import TEXT, tiny_model
 
-FAST = dict(nsamples=4, seqlen=16, temperature=0.2, structures="ffn+heads")
+# control 0.5: a per-block allocation (auto may pick the uniform one on a tiny random model)
+FAST = dict(nsamples=4, seqlen=16, temperature=0.2, control=0.5, structures="ffn+heads")
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -74,7 +75,7 @@ def test_prune_equals_the_engine_on_the_same_windows(tiny_tokenizer):
     engine_model = tiny_model("qwen3-gqa")
     text = Text(TEXT, "python list (1 texts)", "python list")
     windows = calibration_windows(text, tiny_tokenizer, 4, 16, 0, engine_model)
-    cfg = PruneConfig(budget=0.3, temperature=0.2, structures="ffn+heads")
+    cfg = PruneConfig(budget=0.3, temperature=0.2, control=0.5, structures="ffn+heads")
     prune_model(engine_model, capture(engine_model, windows, progress=False), cfg, windows)
     a, b = api_model.state_dict(), engine_model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

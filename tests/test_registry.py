@@ -134,7 +134,7 @@ def test_library_defaults_are_the_configs():
     import inspect
 
     from cfsp.config import AllocateConfig, ReconstructConfig
-    from cfsp.engine.allocate import cfsp_keep_ratios, coarse_scores
+    from cfsp.engine.allocate import DEFAULT_CONTROL, cfsp_keep_ratios, coarse_scores
     from cfsp.engine.reconstruct import fold
     from cfsp.pipeline.stages import recover_stage
 
@@ -143,8 +143,8 @@ def test_library_defaults_are_the_configs():
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     control, damping = AllocateConfig().control, ReconstructConfig().damping
-    assert params["allocate"]["control"] == control
+    assert params["allocate"]["control"] == control == "auto"
     assert params["reconstruct"]["damping"] == damping
     for fn in (coarse_scores, cfsp_keep_ratios, recover_stage):
-        assert default(fn, "control") == control, fn.__name__
+        assert default(fn, "control") == DEFAULT_CONTROL, fn.__name__  # what auto falls back to
     assert default(fold, "damping") == damping

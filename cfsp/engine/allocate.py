@@ -11,7 +11,8 @@ Keep ratios per block (for `uniform` and `cfsp`):
            if max keep >= 1: s_l <- mean(s) + gamma (s_l - mean(s)),
               gamma = mean(s) * (1/(1-p) - 1) / (max(s) - mean(s)) / 1.05
            then keep_l >= floor, mean preserved.  Standardising by std(abar) (our choice, not
-           the paper's) makes T dimensionless and independent of the token count.
+           the paper's) makes T dimensionless and independent of the token count. a = 0 is
+           the uniform allocation; `control: auto` chooses a per run (cfsp.engine.choose).
 A block's ratio becomes counts: the feasible GQA head layout (g groups x r heads each) whose
 attention cost is nearest keep_l * attention cost, then FFN channels filling the rest of
 keep_l * block cost (rounded to a multiple if asked).
@@ -234,10 +235,15 @@ def achieved_fraction(geo: Geometry, counts: list[BlockCounts]) -> float:
     return 1.0 - kept / (geo.block_params() * geo.num_blocks)
 
 
+# What `control: auto` means where no choice is made (cfsp.engine.choose.chooses is false).
+DEFAULT_CONTROL = 0.5
+
+
 def cfsp_allocation(
     geo: Geometry, angular: torch.Tensor, head_scores, channel_scores, cfg: PruneConfig
 ) -> list[BlockCounts]:
-    keep = cfsp_keep_ratios(angular, cfg.budget, cfg.temperature, cfg.control, cfg.floor)
+    control = DEFAULT_CONTROL if cfg.control == "auto" else cfg.control
+    keep = cfsp_keep_ratios(angular, cfg.budget, cfg.temperature, control, cfg.floor)
     return counts_from_ratios(geo, keep, cfg.structures == "ffn+heads", cfg.round_to)
 
 

@@ -53,9 +53,12 @@ class PruneReport:
     errors: list[dict] = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     compute: dict = field(default_factory=dict)  # device and math dtype of the statistics math
+    choice: dict = field(default_factory=dict)  # control: auto's candidates and losses (choose)
 
     def to_dict(self) -> dict:
-        compute = {"compute": self.compute} if self.compute else {}
+        extra = {"compute": self.compute} if self.compute else {}
+        if self.choice:
+            extra["control_choice"] = self.choice
         return {
             "config": self.config,
             "budget_counts": "fraction of decoder-block weight parameters (q,k,v,o,gate,up,down)",
@@ -67,7 +70,7 @@ class PruneReport:
             "kept": [p.to_dict() for p in self.plans],
             "reconstruction_error": self.errors,
             "timings_s": self.timings,
-            **compute,
+            **extra,
         }
 
 
@@ -80,19 +83,23 @@ def plan_pruning(model_or_target, stats: Statistics, cfg: PruneConfig) -> PruneP
         raise UsageError(
             f"statistics cover {len(stats.blocks)} blocks, the model has {geo.num_blocks}"
         )
-    scores = [
+    return plan_from_scores(geo, stats.angular(), block_scores(target, stats, cfg), cfg)
+
+
+def block_scores(target: Target, stats: Statistics, cfg: PruneConfig) -> list[tuple]:
+    """Every block's (head, channel) fine scores by `cfg.criterion`."""
+    return [
         fine_scores(
             cfg.criterion,
             target.adapter.parts(block),
             stats.blocks[i],
-            geo.head_dim,
+            target.geometry.head_dim,
             cfg.exponent,
             cfg.seed,
             i,
         )
         for i, block in enumerate(target.layers)
     ]
-    return plan_from_scores(geo, stats.angular(), scores, cfg)
 
 
 def plan_from_scores(
@@ -264,7 +271,15 @@ def prune_model(
     target = target_of(model_or_target)
     t0 = time.perf_counter()
     before = target.geometry
-    plan = plan or plan_pruning(target, stats, cfg)
+    choice = None
+    if plan is None:
+        from cfsp.engine.choose import choose_in_memory, chooses  # choose builds on this module
+
+        heldout = windows.heldout if windows is not None else None
+        if chooses(cfg, heldout):
+            plan, choice = choose_in_memory(target, stats, cfg, heldout, batch_size)
+        else:
+            plan = plan_pruning(target, stats, cfg)
     if len(plan.blocks) != len(target.layers):
         raise UsageError(
             f"the plan covers {len(plan.blocks)} blocks, the model has {len(target.layers)}"
@@ -285,6 +300,7 @@ def prune_model(
         settle_biases(target, stock_bias)
     timings = {"plan": t_plan - t0, "prune_reconstruct": time.perf_counter() - t_plan}
     report = prune_report(before, plan, cfg, errors, timings)
+    report.choice = choice.to_dict() if choice is not None else {}
     device = next(target.model.parameters()).device
     report.compute = {"device": str(device), "math_dtype": str(math_dtype(device)).split(".")[-1]}
     return report

@@ -44,6 +44,7 @@ streams the weights.)
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import tempfile
@@ -56,6 +57,7 @@ import torch
 from cfsp.config import PruneConfig
 from cfsp.devices import bound_host_heap, factories_on, trim_host_heap
 from cfsp.engine.capture import peak_rss_mib
+from cfsp.engine.choose import candidate_plans, chooses, head_loss, heldout_losses, pick
 from cfsp.engine.dense_target import DenseRecorder, dense_targets, refit_block, target_stats
 from cfsp.engine.driver import (
     PruneReport,
@@ -468,10 +470,15 @@ def prune_streamed(
                 digests=False,  # our own files, read back in this process: not hashed
             )
             angular = torch.tensor([b.angular for b in blocks], dtype=torch.float64)
-            allocation = plan_from_scores(geo, angular, scores, cfg)
             spill = Spill(Path(scratch), [None] * len(blocks))
+            heldout = windows.heldout if windows is not None else None
+            choice = None
+            if grams and chooses(cfg, heldout):
+                allocation, choice = choose_streamed(stream, angular, scores, cfg, heldout, spill)
+            else:
+                allocation = plan_from_scores(geo, angular, scores, cfg)
         else:
-            allocation, spill = captured.plan, captured.spill
+            allocation, spill, choice = captured.plan, captured.spill, captured.choice
         t1 = time.perf_counter()
         dense = copy.deepcopy(stream.model)  # meta: pass 2 slices the skeleton's blocks
         predicted = predicted_biases(dense, allocation.blocks, cfg)
@@ -493,6 +500,7 @@ def prune_streamed(
     t3 = time.perf_counter()
     timings = {"pass1": t1 - t0, "plan_and_outside": t2 - t1, "pass2_and_write": t3 - t2}
     report = prune_report(geo, allocation, cfg, errors, timings)
+    report.choice = choice or {}
     return StreamOutcome(report, shadow, custom, _summary(stream, timings, cfg))
 
 
@@ -503,6 +511,58 @@ class Captured:
 
     plan: PrunePlan
     spill: Spill | None  # None with stats=sequential / target (pass 2 retakes them)
+    choice: dict = field(default_factory=dict)  # control: auto's record (Choice.to_dict)
+
+
+@torch.no_grad()
+def choose_streamed(
+    stream: Stream, angular: torch.Tensor, scores: list[tuple], cfg: PruneConfig, heldout, spill
+) -> tuple[PrunePlan, dict]:
+    """`control: auto` between pass 1 and pass 2 (cfsp.engine.choose): each dense block is
+    loaded again with its Gram file, and the candidates' pruned copies of it run over the
+    held-out windows; then the final norm and LM head score them. +1 weight and Gram read,
+    one fold per candidate and block, the held-out forwards."""
+    geo = stream.target.geometry
+    plans = candidate_plans(geo, angular, scores, cfg)
+    inputs = first_inputs(stream, heldout)
+    loss = head_loss(stream.model, stream.adapter, heldout, stream.batch_size)
+    walk = _dense_blocks(stream, spill)
+    losses, tokens = heldout_losses(
+        stream.adapter, geo.head_dim, plans, walk, inputs, loss, cfg, lambda: _head(stream)
+    )
+    plan, choice = pick(plans, losses, tokens)
+    return plan, choice.to_dict()
+
+
+def _dense_blocks(stream: Stream, spill: Spill):
+    """(index, dense block loaded, its statistics read back) for every block, in turn."""
+    for index, block in enumerate(_bar(stream.layers(), "choose")):
+        stream.load(block)
+        stream.prefetch(index + 1)
+        stats = read_block(spill.folder, index, spill.digests[index], stream.device)
+        with _LOAD_LOCK, factories_on(stream.device):
+            yield index, block, stats
+        del stats
+        release(block)
+        trim_host_heap()
+
+
+@contextlib.contextmanager
+def _head(stream: Stream):
+    """The final norm and the LM head loaded (a tied head: the embedding it shares)."""
+    model = stream.model
+    head = model.get_output_embeddings()
+    tied = f"{stream.prefix(head)}weight" not in stream.tensors
+    modules = [stream.adapter.decoder(model).norm, stream.adapter.embed(model) if tied else head]
+    for module in modules:
+        stream.load(module)
+    model.tie_weights()
+    try:
+        yield
+    finally:
+        for module in modules:
+            release(module)
+        model.tie_weights()
 
 
 def _passes(cfg: PruneConfig) -> str:

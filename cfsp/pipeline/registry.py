@@ -78,7 +78,7 @@ def _capture(ctx: StageContext) -> dict:
 def _allocate(ctx: StageContext) -> dict:
     stats, dtype = ctx.inputs["capture"], ctx.sections["dtype"]
     return stages.allocate_stage(
-        ctx.model, stats, _prune(ctx), ctx.out, dtype, ctx.sections["device"]
+        ctx.model, stats, _prune(ctx), ctx.out, dtype, ctx.sections["device"], ctx.inputs["prepare"]
     )
 
 
@@ -122,7 +122,7 @@ STAGES: dict[str, Stage] = {
               ("capture", "dtype", "device"), ("cfsp/engine", STREAMED, RUNNER), per_method=False),
         Stage("evaluate-dense", _evaluate, (), (stages.METRICS, "evaluate.json"),
               ("evaluate", "dtype", "device"), ("cfsp/evaluation", RUNNER), per_method=False),
-        Stage("allocate", _allocate, ("capture",), (stages.ALLOCATION, "allocation.png"),
+        Stage("allocate", _allocate, ("prepare", "capture"), (stages.ALLOCATION, "allocation.png"),
               ("allocate", "reconstruct", "dtype", "device"),
               ("cfsp/engine", STREAMED, RUNNER),
               per_method=True),

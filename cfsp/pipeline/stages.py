@@ -63,15 +63,20 @@ def _load_tokens(path: Path) -> TokenWindows:
     try:
         with safe_open(str(path), "pt") as handle:
             ids = handle.get_tensor("ids")
+            names = set(handle.keys())  # the reader has no __contains__
+            held = handle.get_tensor("heldout") if "heldout" in names else None
             fingerprint = json.loads((handle.metadata() or {})["fingerprint"])
-        if not isinstance(fingerprint, dict) or ids.dim() != 2 or ids.is_floating_point():
+        if not isinstance(fingerprint, dict) or any(
+            t is not None and (t.dim() != 2 or t.is_floating_point()) for t in (ids, held)
+        ):
             raise ValueError("expected integer ids [windows, seqlen] and a fingerprint object")
         recorded = fingerprint["hash"]
+        held_recorded = fingerprint["heldout_hash"] if held is not None else None
     except (KeyError, TypeError, ValueError, json.JSONDecodeError, SafetensorError) as err:
         raise CfspError(f"{path} is not a calibration tokens file ({_what(err)})") from err
-    if tensor_hash(ids) != recorded:
+    if tensor_hash(ids) != recorded or (held is not None and tensor_hash(held) != held_recorded):
         raise CfspError(f"{path}: token ids do not match their recorded hash (corrupt file)")
-    return TokenWindows(ids, fingerprint)
+    return TokenWindows(ids, fingerprint, held)
 
 
 def _what(err: BaseException) -> str:
@@ -87,12 +92,21 @@ def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float3
     check_source(calib.source, "calibration")
     loaded = load_model(model_spec, dtype=dtype)
     windows = calibration_windows(
-        calib.source, loaded.tokenizer, calib.nsamples, calib.seqlen, calib.seed, loaded.model
+        calib.source,
+        loaded.tokenizer,
+        calib.nsamples,
+        calib.seqlen,
+        calib.seed,
+        loaded.model,
+        calib.heldout,
     )
     fingerprint = {**windows.fingerprint, "model": model_spec, "revision": loaded.revision}
+    tensors = {"ids": windows.ids.contiguous()}
+    if windows.heldout is not None:
+        tensors["heldout"] = windows.heldout.contiguous()
     with atomic_dir(out) as tmp:
         save_file(
-            {"ids": windows.ids.contiguous()},
+            tensors,
             str(tmp / TOKENS),
             metadata={"fingerprint": json.dumps(fingerprint)},
         )
@@ -169,26 +183,37 @@ def allocate_stage(
     out: Path,
     dtype: str = "float32",
     device: str = "cpu",
+    tokens: Path | None = None,
 ) -> dict:
     """Per-block keep ratios and kept indices, with a plot against the angular distances:
-    fine scores from the captured moments and each block's weights, loaded in turn."""
+    fine scores from the captured moments and each block's weights, loaded in turn; with
+    `control: auto` and held-out windows in `tokens`, the control they choose (streamed
+    engine's choice, from the capture's Gram files)."""
     import torch
 
+    from cfsp.engine.choose import chooses
     from cfsp.engine.driver import plan_from_scores
-    from cfsp.engine.streamed import score_blocks
+    from cfsp.engine.streamed import Spill, choose_streamed, score_blocks
 
     check_output_dir(out)
-    _, blocks, meta = _load_moments(stats_path)
+    folder, blocks, meta = _load_moments(stats_path)
+    heldout = _load_tokens(tokens).heldout if tokens is not None else None
     stream, _, _ = _open(model_spec, dtype, device=device)
     start = time.perf_counter()
     scores = score_blocks(stream, blocks, cfg)
     angular = [b.angular for b in blocks]
-    geo = stream.target.geometry
-    alloc = plan_from_scores(geo, torch.tensor(angular, dtype=torch.float64), scores, cfg)
+    angular_t = torch.tensor(angular, dtype=torch.float64)
+    choice = {}
+    if chooses(cfg, heldout):
+        spill = Spill(folder, check_grams(folder, meta, len(blocks)))
+        alloc, choice = choose_streamed(stream, angular_t, scores, cfg, heldout, spill)
+    else:
+        alloc = plan_from_scores(stream.target.geometry, angular_t, scores, cfg)
     payload = {
         "config": cfg.model_dump(),
         "calibration": meta.get("fingerprint", {}),
         "angular": angular,
+        **({"control_choice": choice} if choice else {}),
         **alloc.to_dict(),
         "widths": [b.widths().to_dict() for b in alloc.blocks],
         "wall_s": round(time.perf_counter() - start, 3),
@@ -340,7 +365,7 @@ def recover_stage(
     out: Path,
     dtype: str = "float32",
     temperature: float = 1.0,
-    control: float = 0.5,
+    control: float | str = 0.5,
     on_step=None,
     device: str = "cpu",
 ) -> dict:
@@ -348,7 +373,7 @@ def recover_stage(
     importance when cfg.mode == "ig". Disabled: `out` is the input checkpoint, hard-linked."""
     import torch
 
-    from cfsp.engine.allocate import coarse_scores
+    from cfsp.engine.allocate import DEFAULT_CONTROL, coarse_scores
     from cfsp.recover import recover
 
     torch_device = resolve_device(device)
@@ -366,6 +391,8 @@ def recover_stage(
         raise CfspError(
             f"{stats_dir}/capture.json records no angular distances ({_what(err)})"
         ) from err
+    if control == "auto":  # the ranks follow the allocation's default slope
+        control = DEFAULT_CONTROL
     importance = coarse_scores(angular, temperature, control).tolist()
     loaded = load_model(str(model_dir), dtype=dtype)
     loaded.model.to(torch_device)
