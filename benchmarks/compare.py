@@ -112,6 +112,7 @@ def main() -> None:
                 "prune_s": round(prune_s, 2),
                 "time_ratio": round((stats.wall_s + prune_s) / forward_s, 3),
                 "keep_ratios": [round(k, 4) for k in report.keep_ratios],
+                **({"control_choice": report.choice} if report.choice else {}),
                 "ppl": evaluate(model),
             }
             rows.append(row)

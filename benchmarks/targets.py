@@ -39,11 +39,13 @@ def _lowest_everywhere(rows: list[dict], budgets: list[float]) -> list[dict]:
         if ours is None or not others:
             continue
         best = min(others, key=lambda r: r["ppl"]["wikitext2"])
-        ppl_met.append(ours["ppl"]["wikitext2"] < best["ppl"]["wikitext2"])
-        ppl_parts.append(
-            f"p={b}: {ours['ppl']['wikitext2']:.2f} vs {best['method']} "
-            f"{best['ppl']['wikitext2']:.2f}"
-        )
+        mine, theirs = ours["ppl"]["wikitext2"], best["ppl"]["wikitext2"]
+        # Equal is lowest too: the default may choose the very plan of another row (control
+        # auto picking the uniform allocation is uniform+cfsp, weight for weight).
+        ppl_met.append(mine <= theirs)
+        same = mine == theirs and ours.get("keep_ratios") == best.get("keep_ratios")
+        tie = " (a tie: the same widths in every block)" if same else ""
+        ppl_parts.append(f"p={b}: {mine:.2f} vs {best['method']} {theirs:.2f}{tie}")
         scored = [r for r in others if _acc(r) is not None]
         if _acc(ours) is not None and scored:
             top = max(scored, key=_acc)  # the best other method: met if ours is at most 0.5 below

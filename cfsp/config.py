@@ -73,7 +73,7 @@ class AllocateConfig(Strict):
     # text at p=0.2 and p=0.5 (README, "Measured"); ffn+heads stays one option away.
     structures: Literal["ffn+heads", "ffn"] = "ffn"
     temperature: float = Field(1.0, gt=0)
-    # "auto" chooses 0.5, 0.25 or 0 (uniform) by the loss each leaves on held-out calibration
+    # "auto" chooses 0.5 or 0 (uniform) by the loss each leaves on held-out calibration
     # windows (cfsp.engine.choose): the best slope differs by model and budget (README).
     control: float | Literal["auto"] = "auto"
     floor: float = Field(0.05, gt=0, lt=1)

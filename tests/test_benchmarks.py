@@ -105,6 +105,18 @@ def _row(method: str, budget: float, boolq: float, other: float) -> dict:
     }
 
 
+def test_lowest_perplexity_counts_a_tie_with_the_same_plan():
+    dense = {**_row("dense", 0.0, 0.42, 0.50), "params": 10}
+    ours = _row("default", 0.5, 0.5, 0.5) | {"keep_ratios": [0.5, 0.5]}
+    same = _row("uniform+cfsp", 0.5, 0.5, 0.5) | {"keep_ratios": [0.5, 0.5]}
+    lower = _row("flap", 0.5, 0.5, 0.5) | {"ppl": {"wikitext2": 9.5}}
+    text = "default has the lowest WikiText-2 perplexity at every budget"
+    tie = {t["target"]: t for t in check_targets([dense, ours, same], "generic")}[text]
+    assert tie["met"] is True and "(a tie: the same widths in every block)" in tie["numbers"]
+    beaten = {t["target"]: t for t in check_targets([dense, ours, same, lower], "generic")}[text]
+    assert beaten["met"] is False and "vs flap 9.50" in beaten["numbers"]
+
+
 def test_zero_shot_targets():
     dense = {**_row("dense", 0.0, 0.42, 0.50), "params": 10}
     rows = [dense, _row("default", 0.2, 0.63, 0.45), _row("flap+liar", 0.2, 0.40, 0.52)]

@@ -124,10 +124,10 @@ def test_streamed_engine_makes_the_same_choice(tmp_path, name):
 def test_model_card_says_which_control_was_chosen():
     from cfsp.model_card import model_card
 
-    choice = {"candidates": [0.5, 0.25, 0.0], "heldout_loss": [4.1, 4.0, 4.2], "chosen": 0.25}
+    choice = {"candidates": [0.5, 0.0], "heldout_loss": [4.1, 4.0], "chosen": 0.0}
     manifest = {"prune": {"config": {"method": "cfsp", "budget": 0.5}, "control_choice": choice}}
     card = model_card(manifest, custom_code=False)
-    assert "Allocation control: 0.25 (chosen from [0.5, 0.25, 0.0]" in card
+    assert "Allocation control: 0.0 (chosen from [0.5, 0.0] by held-out" in card
 
 
 def test_allocate_stage_chooses_on_the_prepared_heldout_windows(tiny_project, monkeypatch):
