@@ -273,7 +273,7 @@ def prune_cmd(
         typer.Option(
             help="CFSP allocation control a in sigmoid(a z): lower spreads the budget more "
             "evenly over the blocks (0: uniform); 'auto' tries 0.5 and 0 and keeps the "
-            "one with the lowest loss on held-out calibration windows.  "
+            "one with the lower loss on held-out calibration windows.  "
             f"[default: {_PRUNE_DEFAULTS['control']}]",
             show_default=False,
         ),
