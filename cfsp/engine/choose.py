@@ -128,7 +128,7 @@ def _pruned_copy(adapter, block, plan: BlockPlan, stats, cfg: PruneConfig, head_
         parts = adapter.parts(pruned)
         _zero_bias(parts.o)
         _zero_bias(parts.down)
-    prune_block(adapter, pruned, copy.deepcopy(plan), stats, cfg, head_dim)
+    prune_block(adapter, pruned, copy.deepcopy(plan), stats, cfg, head_dim, measure=False)
     return pruned
 
 

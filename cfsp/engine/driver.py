@@ -190,11 +190,14 @@ def prune_block(
     stats: BlockStats,
     cfg: PruneConfig,
     head_dim: int,
+    measure: bool = True,
 ) -> dict:
     """Fold the pruned inputs of o_proj / down_proj (per `cfg.reconstruct`), then slice.
 
     With an error-selected criterion (`obs`) the kept set is chosen first, here where the
-    block's Gram matrices are, and written into `plan` (`choose_kept`)."""
+    block's Gram matrices are, and written into `plan` (`choose_kept`). Without `measure` the
+    relative errors before / after of folded modules (three products with the Gram matrix
+    each) are not computed: cfsp.engine.choose's trial prunes need only the weights."""
     choose_kept(adapter, block, plan, stats, cfg, head_dim)
     p = adapter.parts(block)
     row: dict = {}
@@ -208,6 +211,9 @@ def prune_block(
             row[f"{name}_before"] = row[f"{name}_after"] = 0.0
             continue
         w_new, b_new = fold(layer.weight, layer.bias, st, keep, cfg.reconstruct, cfg.damping)
+        folded[name] = (w_new, b_new)
+        if not measure:
+            continue
         plain_b = torch.zeros_like(b_new) if layer.bias is None else layer.bias.to(b_new.dtype)
         plain_w = layer.weight.to(w_new.dtype)[:, keep]
         total = output_energy(layer.weight, layer.bias, st)  # shared by both errors
@@ -217,7 +223,6 @@ def prune_block(
         row[f"{name}_after"] = relative_error(
             layer.weight, layer.bias, st, keep, w_new, b_new, total
         )
-        folded[name] = (w_new, b_new)
     apply_plan(adapter, block, plan, head_dim)
     p = adapter.parts(block)
     for name, layer in (("o", p.o), ("down", p.down)):
