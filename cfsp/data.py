@@ -428,6 +428,15 @@ def calibration_windows(
     return TokenWindows(ids, fingerprint, held)
 
 
+def windows_for(calib, tokenizer, model=None, text: Text | None = None) -> TokenWindows:
+    """`calibration_windows` as a calibration config asks (its source, nsamples, seqlen, seed
+    and heldout), or from `text` already in memory."""
+    source = text or calib.source
+    return calibration_windows(
+        source, tokenizer, calib.nsamples, calib.seqlen, calib.seed, model, calib.heldout
+    )
+
+
 def _disjoint_starts(
     starts: torch.Tensor, span: int, body: int, count: int, gen: torch.Generator, spec
 ) -> list[int]:

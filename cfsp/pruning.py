@@ -11,7 +11,7 @@ import torch
 
 from cfsp import __version__
 from cfsp.config import CalibConfig, PruneConfig
-from cfsp.data import TokenWindows, calibration_windows, check_source
+from cfsp.data import TokenWindows, check_source, windows_for
 from cfsp.devices import resolve_device
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import PruneReport, prune_model
@@ -172,15 +172,7 @@ def prune_to_checkpoint(
     loaded.model.to(torch_device)
     signal_point("load")  # tests only: an interrupt before anything is written
     check_exports(loaded.model.config, prune, kinds)
-    windows = calibration_windows(
-        calib.source,
-        loaded.tokenizer,
-        calib.nsamples,
-        calib.seqlen,
-        calib.seed,
-        loaded.model,
-        calib.heldout,
-    )
+    windows = windows_for(calib, loaded.tokenizer, loaded.model)
     timings["load_and_prepare"] = time.perf_counter() - t0
     report, manifest = prune_loaded(
         loaded,

@@ -135,7 +135,7 @@ def prune_streamed_to_checkpoint(
     from transformers import AutoTokenizer
 
     from cfsp.arch import adapter_for
-    from cfsp.data import calibration_windows, check_source
+    from cfsp.data import check_source, windows_for
     from cfsp.engine.streamed import prune_streamed
     from cfsp.engine.streamed_weights import consolidate, empty_model, resolve_device
     from cfsp.io import atomic_dir, check_writable_parent, parse_shard_size
@@ -158,15 +158,7 @@ def prune_streamed_to_checkpoint(
     check_tokenizer_matches(skeleton, tokenizer, model_spec)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    windows = calibration_windows(
-        text or calib.source,
-        tokenizer,
-        calib.nsamples,
-        calib.seqlen,
-        calib.seed,
-        skeleton,
-        calib.heldout,
-    )
+    windows = windows_for(calib, tokenizer, skeleton, text)
     timings = {"load_and_prepare": time.perf_counter() - t0}
     signal_point("load")  # tests only: an interrupt before anything is written
     with atomic_dir(out) as tmp:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, validate
-from cfsp.data import Text, calibration_windows, check_source
+from cfsp.data import Text, check_source, windows_for
 from cfsp.errors import UsageError
 from cfsp.evaluation.from_spec import evaluate_loaded, evaluate_model
 from cfsp.export import save_checkpoint
@@ -93,9 +93,7 @@ def prune(
     timings: dict = {}
     t0 = time.perf_counter()
     loaded = _loaded(model, tokenizer, dtype, trust_remote_code)
-    windows = calibration_windows(
-        text or calib.source, loaded.tokenizer, nsamples, seqlen, seed, loaded.model, heldout
-    )
+    windows = windows_for(calib, loaded.tokenizer, loaded.model, text)
     timings["load_and_prepare"] = time.perf_counter() - t0
     dtype_name = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
     _, manifest = prune_loaded(

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cfsp.config import CalibConfig, EvalConfig, PruneConfig, RecoverConfig
-from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash
+from cfsp.data import TokenWindows, calibration_windows, check_source, tensor_hash, windows_for
 from cfsp.devices import resolve_device
 from cfsp.engine.plan import PrunePlan
 from cfsp.engine.streamed_spill import MOMENTS, check_grams, read_moments, write_moments
@@ -91,15 +91,7 @@ def prepare(model_spec: str, calib: CalibConfig, out: Path, dtype: str = "float3
     check_output_dir(out)
     check_source(calib.source, "calibration")
     loaded = load_model(model_spec, dtype=dtype)
-    windows = calibration_windows(
-        calib.source,
-        loaded.tokenizer,
-        calib.nsamples,
-        calib.seqlen,
-        calib.seed,
-        loaded.model,
-        calib.heldout,
-    )
+    windows = windows_for(calib, loaded.tokenizer, loaded.model)
     fingerprint = {**windows.fingerprint, "model": model_spec, "revision": loaded.revision}
     tensors = {"ids": windows.ids.contiguous()}
     if windows.heldout is not None:
