@@ -86,6 +86,9 @@ def prune_args(root: Path, out: Path, *extra) -> list:
         "4",
         "--seqlen",
         "16",
+        # per-block widths (the tests read modeling_cfsp.py); auto may choose the uniform plan
+        "--control",
+        "0.5",
         "--out",
         out,
         *extra,
