@@ -540,6 +540,20 @@ def test_allocation_of_the_wrong_structure(proj, artifacts, tmp_path, capsys, pa
     assert not out.exists()
 
 
+def test_allocation_whose_choice_record_is_not_a_mapping(proj, artifacts, tmp_path, capsys):
+    """The choice record travels into the manifest: a broken one is refused, not copied."""
+    payload = json.loads((artifacts / "alloc" / "allocation.json").read_text())
+    payload["control_choice"] = [0.5]
+    alloc = tmp_path / "allocation.json"
+    alloc.write_text(json.dumps(payload))
+    out = tmp_path / "pruned"
+    args = ["stage", "prune", "--model", proj / "tiny", "--stats", artifacts / "stats",
+            "--allocation", alloc, "--out", out, "--budget", "0.3", "--method", "cfsp",
+            "--params", proj / "params.yaml"]  # fmt: skip
+    expect(capsys, args, 1, "is not an allocation (control_choice is not a mapping)")
+    assert not out.exists()
+
+
 def _capture(proj: Path, tokens: Path, out: Path) -> list:
     return ["stage", "capture", "--model", proj / "tiny", "--tokens", tokens, "--out", out,
             "--params", proj / "params.yaml"]  # fmt: skip

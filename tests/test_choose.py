@@ -151,3 +151,9 @@ def test_allocate_stage_chooses_on_the_prepared_heldout_windows(tiny_project, mo
     assert choice["candidates"] == list(CONTROLS) and choice["chosen"] in CONTROLS
     best = min(range(len(CONTROLS)), key=lambda c: choice["heldout_loss"][c])
     assert choice["chosen"] == CONTROLS[best]
+    # pass 2 records the choice its allocation was made with, in the manifest and the card
+    stages.reconstruct_stage("tiny", out / "allocate", out / "capture", cfg, out / "reconstruct")
+    manifest = read_json(out / "reconstruct" / "cfsp_manifest.json")
+    assert manifest["prune"]["control_choice"] == choice
+    card = (out / "reconstruct" / "README.md").read_text()
+    assert f"Allocation control: {choice['chosen']} (chosen from" in card

@@ -225,7 +225,7 @@ def allocate_stage(
 def _slice(
     model_spec: str,
     stats_path: Path,
-    alloc: PrunePlan,
+    alloc: tuple[PrunePlan, dict],
     cfg: PruneConfig,
     out: Path,
     dtype: str,
@@ -235,7 +235,7 @@ def _slice(
     """The streamed engine's pass 2 from a capture and an allocation: each block read,
     folded from its own statistics file (or, stats=sequential, from a forward over `tokens`
     through the pruned blocks; stats=target, also through the dense block first), and
-    written; then tokenizer, card and manifest."""
+    written; then tokenizer, card and manifest. `alloc`: _load_allocation's plan and choice."""
     from transformers import AutoTokenizer
 
     from cfsp.engine.dense_target import target_stats
@@ -247,6 +247,7 @@ def _slice(
     from cfsp.pruning_streamed import write_rest
 
     check_output_dir(out)
+    plan, choice = alloc
     folder, blocks, meta = _load_moments(stats_path)
     windows = _load_tokens(tokens) if tokens is not None else None
     path, revision, config = _source(model_spec)
@@ -258,7 +259,7 @@ def _slice(
     with atomic_dir(out) as tmp:
         outcome = prune_streamed(
             path, windows, cfg, tmp, parse_dtype(dtype), resolve_device(device), config=config,
-            captured=Captured(alloc, spill),
+            captured=Captured(plan, spill, choice),
         )  # fmt: skip
         outcome.stream["consolidated"] = consolidate(tmp, parse_shard_size(MAX_SHARD_SIZE))
         loaded = SimpleNamespace(path=str(path), revision=revision, model=outcome.shadow)
@@ -283,8 +284,9 @@ def _dense_params(config, dtype: str) -> int:
     return count_params(empty_model(config, parse_dtype(dtype)))
 
 
-def _load_allocation(path: Path) -> PrunePlan:
-    """The allocation stage's artifact: per-block keep ratios and kept indices."""
+def _load_allocation(path: Path) -> tuple[PrunePlan, dict]:
+    """The allocation stage's artifact: per-block keep ratios and kept indices, and the
+    record of `control: auto`'s choice ({} when none was made)."""
     alloc_file = Path(path)
     alloc_file = alloc_file / ALLOCATION if alloc_file.is_dir() else alloc_file
     data = read_json(alloc_file, expect=dict)
@@ -294,7 +296,10 @@ def _load_allocation(path: Path) -> PrunePlan:
             raise ValueError("keep_ratios and blocks differ in length")
     except (KeyError, TypeError, ValueError) as err:
         raise CfspError(f"{alloc_file} is not an allocation ({_what(err)})") from err
-    return alloc
+    choice = data.get("control_choice", {})
+    if not isinstance(choice, dict):
+        raise CfspError(f"{alloc_file} is not an allocation (control_choice is not a mapping)")
+    return alloc, choice
 
 
 def prune_stage(
