@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from cfsp.config import PruneConfig, parse_variant, validate
+from cfsp.config import HELDOUT_WINDOWS, PruneConfig, parse_variant, validate
 from cfsp.data import calibration_windows, evaluation_windows
 from cfsp.engine.capture import capture
 from cfsp.engine.driver import prune_model
@@ -55,7 +55,9 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--heldout", type=int, default=32, help="held-out calibration windows")
+    ap.add_argument(
+        "--heldout", type=int, default=HELDOUT_WINDOWS, help="held-out calibration windows"
+    )
     ap.add_argument(
         "--eval",
         action="append",

@@ -29,9 +29,10 @@ import torch
 
 from benchmarks.compare import dense_forward_seconds, variant_config
 from benchmarks.targets import REPO, TARGET_SETS, check_targets, render_markdown
-from cfsp.config import SpeedConfig
+from cfsp.config import HELDOUT_WINDOWS, SpeedConfig
 from cfsp.data import calibration_windows, evaluation_windows
 from cfsp.engine.capture import capture
+from cfsp.engine.choose import reads_heldout
 from cfsp.engine.driver import prune_model
 from cfsp.engine.registry import ERROR_SELECTED
 from cfsp.evaluation.perplexity import perplexity
@@ -71,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--heldout", type=int, default=32, help="held-out calibration windows")
+    ap.add_argument(
+        "--heldout", type=int, default=HELDOUT_WINDOWS, help="held-out calibration windows"
+    )
     ap.add_argument("--wikitext", default="wikitext2", help="WikiText-2 test spec")
     ap.add_argument("--wikitext-windows", type=int, default=320)
     ap.add_argument("--botchan", default="botchan", help="second perplexity source")
@@ -121,8 +124,6 @@ def settings_key(args: argparse.Namespace) -> str:
     # The switches count only when on, so rows measured before they existed (with speed and
     # rounded columns) keep their key.
     values.update({k: True for k in ("no_speed", "no_rounded") if getattr(args, k)})
-    if args.heldout != 32:  # only rows that choose their control read them: key kept at 32
-        values["heldout"] = args.heldout
     text = json.dumps(values, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -246,12 +247,15 @@ class Suite:
         return out
 
 
-def result_config(cfg) -> dict:
+def result_config(cfg, heldout: int = HELDOUT_WINDOWS) -> dict:
     """The fields of a method's config that its result depends on: what a saved row is keyed on,
     so a changed default redoes the rows that read it and only those (the CFSP allocation's
     temperature, control and floor; the CFSP criterion's exponent; the reconstruction's damping
-    and statistics (damping only for LIAR or an error-selected criterion); the seed of `random`)."""
+    and statistics (damping only for LIAR or an error-selected criterion); the seed of `random`;
+    the held-out windows, for the rows that choose their control on them)."""
     fields = json.loads(cfg.model_dump_json())
+    if reads_heldout(cfg):
+        fields["heldout"] = heldout
     unread = set()
     if cfg.allocation != "cfsp":
         unread |= {"temperature", "control", "floor"}
@@ -357,7 +361,7 @@ def main(argv=None) -> list[dict]:
     plan = {
         (name, budget): (
             args.rows / f"{name}-p{budget}.json",
-            result_config(variant_config(METHODS[name], budget)),
+            result_config(variant_config(METHODS[name], budget), args.heldout),
         )
         for name in args.methods
         for budget in args.budgets

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from cfsp import __version__
-from cfsp.config import PruneConfig
+from cfsp.config import HELDOUT_WINDOWS, PruneConfig
 from cfsp.engine.registry import ALLOCATIONS, CRITERIA, PRESETS, RECONSTRUCTIONS
 from cfsp.errors import CfspError, UsageError
 
@@ -265,7 +265,7 @@ def prune_cmd(
     heldout: Annotated[
         int,
         typer.Option(help="Held-out windows beside them, on which --control auto chooses."),
-    ] = 32,
+    ] = HELDOUT_WINDOWS,
     seed: Annotated[int, typer.Option(help="Seed for window sampling and random choices.")] = 0,
     temperature: Annotated[float, typer.Option(help="CFSP allocation temperature.")] = 1.0,
     control: Annotated[

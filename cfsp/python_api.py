@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from cfsp.config import CalibConfig, EvalConfig, PruneConfig, validate
+from cfsp.config import HELDOUT_WINDOWS, CalibConfig, EvalConfig, PruneConfig, validate
 from cfsp.data import Text, check_source, windows_for
 from cfsp.errors import UsageError
 from cfsp.evaluation.from_spec import evaluate_loaded, evaluate_model
@@ -48,7 +48,7 @@ def prune(
     nsamples: int = 128,
     seqlen: int = 128,
     seed: int = 0,
-    heldout: int = 32,
+    heldout: int = HELDOUT_WINDOWS,
     text_column: str = "text",
     dtype: str = "float32",
     batch_size: int = 8,

@@ -223,6 +223,10 @@ def test_result_config_keeps_what_a_method_reads():
     assert "damping" in result_config(variant_config("flap+reconstruct=liar", 0.2))
     assert "damping" in result_config(variant_config("cfsp+criterion=obs+reconstruct=none", 0.2))
     assert "seed" in result_config(variant_config("random", 0.2))
+    # the held-out windows count only for the rows that choose their control on them
+    assert default["heldout"] == 16 and result_config(variant_config("cfsp", 0.2), 8) != default
+    assert "heldout" not in result_config(variant_config("cfsp+control=0.5", 0.2))
+    assert "heldout" not in result_config(variant_config("cfsp+stats=sequential", 0.2))
 
 
 def test_committed_suite_rows_match_their_settings_key():

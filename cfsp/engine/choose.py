@@ -46,17 +46,21 @@ log = logging.getLogger(__name__)
 CONTROLS: tuple[float, ...] = (0.5, 0.0)
 
 
-def chooses(cfg: PruneConfig, heldout: torch.Tensor | None) -> bool:
-    """Whether a run chooses the control: `control: auto`, the CFSP allocation, something to
-    prune, dense statistics (the choice folds from the captured Grams), held-out windows."""
+def reads_heldout(cfg: PruneConfig) -> bool:
+    """Whether a config chooses its control when given held-out windows: `control: auto`, the
+    CFSP allocation, something to prune, dense statistics (the choice folds from the captured
+    Grams)."""
     return (
         cfg.control == "auto"
         and cfg.allocation == "cfsp"
         and cfg.budget > 0
         and cfg.stats == "dense"
-        and heldout is not None
-        and heldout.shape[0] > 0
     )
+
+
+def chooses(cfg: PruneConfig, heldout: torch.Tensor | None) -> bool:
+    """Whether a run chooses the control: a config that reads them, and held-out windows."""
+    return reads_heldout(cfg) and heldout is not None and heldout.shape[0] > 0
 
 
 def fixed(cfg: PruneConfig, control: float) -> PruneConfig:
