@@ -518,6 +518,12 @@ def artifacts(proj):
     return root
 
 
+def _prune_stage(proj: Path, artifacts: Path, alloc: Path, out: Path) -> list:
+    return ["stage", "prune", "--model", proj / "tiny", "--stats", artifacts / "stats",
+            "--allocation", alloc, "--out", out, "--budget", "0.3", "--method", "cfsp",
+            "--params", proj / "params.yaml"]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "payload,match",
     [
@@ -533,9 +539,7 @@ def test_allocation_of_the_wrong_structure(proj, artifacts, tmp_path, capsys, pa
     alloc = tmp_path / "allocation.json"
     alloc.write_text(json.dumps(payload))
     out = tmp_path / "pruned"
-    args = ["stage", "prune", "--model", proj / "tiny", "--stats", artifacts / "stats",
-            "--allocation", alloc, "--out", out, "--budget", "0.3", "--method", "cfsp",
-            "--params", proj / "params.yaml"]  # fmt: skip
+    args = _prune_stage(proj, artifacts, alloc, out)
     expect(capsys, args, 1, match)
     assert not out.exists()
 
@@ -547,9 +551,7 @@ def test_allocation_whose_choice_record_is_not_a_mapping(proj, artifacts, tmp_pa
     alloc = tmp_path / "allocation.json"
     alloc.write_text(json.dumps(payload))
     out = tmp_path / "pruned"
-    args = ["stage", "prune", "--model", proj / "tiny", "--stats", artifacts / "stats",
-            "--allocation", alloc, "--out", out, "--budget", "0.3", "--method", "cfsp",
-            "--params", proj / "params.yaml"]  # fmt: skip
+    args = _prune_stage(proj, artifacts, alloc, out)
     expect(capsys, args, 1, "is not an allocation (control_choice is not a mapping)")
     assert not out.exists()
 

@@ -19,7 +19,7 @@ Passes (cost in F = one dense forward over the calibration tokens, LM head exclu
           from O(width) scores per block (driver.plan_from_scores, as plan_pruning).  ~0
   choose  with `control: auto` (cfsp.engine.choose, `choose_streamed`): each block's weights
           and Gram file read again, one pruned copy per candidate plan run over the held-out
-          windows, then the final norm and LM head.   cost ~0.25 F per candidate at 32 of 128
+          windows, then the final norm and LM head.   cost ~0.12 F per candidate at 16 of 128
           windows + one fold per candidate and block + the reads
   pass 2  per block: reload it, read its Gram file back (math dtype), fold (LIAR / bias) and
           slice with the existing functions, write the block's shard, release it.
