@@ -225,7 +225,7 @@ def allocate_stage(
 def _slice(
     model_spec: str,
     stats_path: Path,
-    alloc: tuple[PrunePlan, dict],
+    allocation_path: Path,
     cfg: PruneConfig,
     out: Path,
     dtype: str,
@@ -235,7 +235,8 @@ def _slice(
     """The streamed engine's pass 2 from a capture and an allocation: each block read,
     folded from its own statistics file (or, stats=sequential, from a forward over `tokens`
     through the pruned blocks; stats=target, also through the dense block first), and
-    written; then tokenizer, card and manifest. `alloc`: _load_allocation's plan and choice."""
+    written; then tokenizer, card and manifest. The allocation stage's artifact gives the kept
+    indices and the record of the control chosen, which the manifest carries on."""
     from transformers import AutoTokenizer
 
     from cfsp.engine.dense_target import target_stats
@@ -246,8 +247,8 @@ def _slice(
     from cfsp.models import parse_dtype
     from cfsp.pruning_streamed import write_rest
 
+    plan, choice = _load_allocation(allocation_path)
     check_output_dir(out)
-    plan, choice = alloc
     folder, blocks, meta = _load_moments(stats_path)
     windows = _load_tokens(tokens) if tokens is not None else None
     path, revision, config = _source(model_spec)
@@ -313,8 +314,7 @@ def prune_stage(
 ) -> dict:
     """Slice the dense model to the allocation, with no compensation."""
     cfg = cfg.model_copy(update={"reconstruct": "none"})
-    alloc = _load_allocation(allocation_path)
-    return _slice(model_spec, stats_path, alloc, cfg, out, dtype, None, device)
+    return _slice(model_spec, stats_path, allocation_path, cfg, out, dtype, None, device)
 
 
 def reconstruct_stage(
@@ -329,11 +329,10 @@ def reconstruct_stage(
 ) -> dict:
     """Slice the dense model to the allocation artifact's kept indices, folding the pruned
     inputs into the kept ones (cfg.reconstruct), on `device`."""
-    alloc = _load_allocation(allocation_path)
     return _slice(
         model_spec,
         stats_path,
-        alloc,
+        allocation_path,
         cfg,
         out,
         dtype,
